@@ -1,0 +1,240 @@
+"""Mini-batch gradient descent around a backend that trains whole epochs."""
+import contextlib
+import numbers
+import time
+
+import numpy as np
+
+from . import losses, metrics, reference
+from .model import MLP
+
+BACKENDS = ("numba", "numpy")
+DEFAULT_BACKEND = "numpy"
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the model keeps its last finite weights."""
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def targets(model, Y, argument="Y"):
+    """Y as float rows of the model's dtype: integer labels become one-hot."""
+    Y = np.asarray(Y)
+    n_out = model.n_outputs
+    if Y.ndim == 1:
+        if Y.dtype.kind not in "biu":
+            if Y.dtype.kind == "f" and Y.size and np.all(Y == np.round(Y)) and np.isfinite(Y).all():
+                Y = Y.astype(np.int64)
+            else:
+                raise TypeError(f"{argument}: expected integer class labels or one-hot rows, "
+                                f"got a 1-D array of dtype {Y.dtype}")
+        if n_out == 1:
+            if Y.size and (Y.min() < 0 or Y.max() > 1):
+                raise ValueError(f"{argument}: a single-output model needs labels 0 or 1, got "
+                                 f"{Y.min()}..{Y.max()}")
+            return Y.astype(model.dtype).reshape(-1, 1)
+        if Y.size and (Y.min() < 0 or Y.max() >= n_out):
+            raise ValueError(f"{argument}: labels must lie in 0..{n_out - 1} (the model has "
+                             f"{n_out} outputs), got {Y.min()}..{Y.max()}")
+        out = np.zeros((Y.shape[0], n_out), dtype=model.dtype)
+        out[np.arange(Y.shape[0]), Y] = 1
+        return out
+    if Y.ndim != 2 or Y.shape[1] != n_out:
+        raise ValueError(f"{argument}: expected labels (n,) or rows (n, {n_out}), got shape {Y.shape}")
+    if Y.dtype.kind not in "biuf":
+        raise TypeError(f"{argument}: expected numbers, got dtype {Y.dtype}")
+    Y = np.ascontiguousarray(Y, dtype=model.dtype)
+    if not np.isfinite(Y).all():
+        raise ValueError(f"{argument}: contains NaN or infinity")
+    return Y
+
+
+def _check_xy(model, X, Y):
+    X = model.check_input(X)
+    Y = targets(model, Y)
+    if len(X) != len(Y):
+        raise ValueError(f"X and Y: expected the same number of samples, got {len(X)} and {len(Y)}")
+    return X, Y
+
+
+class History:
+    """Per-epoch records of a fit: `history["loss"][e]` etc., like Keras' History."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def append(self, record):
+        self.epochs.append(dict(record))
+
+    @property
+    def history(self):
+        keys = []
+        for r in self.epochs:
+            keys += [k for k in r if k not in keys]
+        return {k: [r.get(k) for r in self.epochs] for k in keys}
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __len__(self):
+        return len(self.epochs)
+
+    def __repr__(self):
+        return f"History({len(self.epochs)} epochs)"
+
+
+def gradients(model, X, Y, loss="squared_error", backend="numpy"):
+    """Mean-over-batch gradients [(dW, db), ...] of `loss` for one batch (X, Y).
+
+    Every backend gives the same numbers; the tests compare them through here.
+    """
+    losses.check(loss, model.activations[-1])
+    check_backend(backend)
+    X, Y = _check_xy(model, X, Y)
+    if backend == "numba":
+        from . import _numba_backend
+        return _numba_backend.gradients(model, X, Y, loss)
+    As = reference.forward(model.weights, model.biases, model.activations, X)
+    return reference.backward(model.weights, model.activations, As, Y, loss)
+
+
+class Trainer:
+    """Train `model` by mini-batch gradient descent.
+
+    Trainer(model, loss="squared_error", lr=1.0, batch_size=32, shuffle=True,
+            seed=None, backend=DEFAULT_BACKEND, threads=None)
+
+    Gradients are means over the batch; the last partial batch is trained. With a
+    seed, shuffling (numpy.random.default_rng(seed)) and so the whole run are
+    reproducible bit for bit.
+    """
+
+    def __init__(self, model, loss="squared_error", lr=1.0, batch_size=32, shuffle=True,
+                 seed=None, backend=DEFAULT_BACKEND, threads=None):
+        if not isinstance(model, MLP):
+            raise TypeError(f"model: expected a fastmlp.MLP, got {type(model).__name__}")
+        self.model = model
+        self.loss = losses.check(loss, model.activations[-1])
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not np.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
+        self.lr = float(lr)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.backend = check_backend(backend)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
+                                    or threads < 1):
+            raise ValueError(f"threads: expected None or an integer >= 1, got {threads!r}")
+        self.threads = threads
+        self._rng = np.random.default_rng(seed)
+        self._engine = None
+
+    def _get_engine(self):
+        if self._engine is None:
+            if self.backend == "numba":
+                from . import _numba_backend
+                self._engine = _numba_backend.Engine(self.model, self.loss, self.batch_size, self.threads)
+            else:
+                self._engine = _NumpyEngine(self.model, self.loss, self.threads)
+        return self._engine
+
+    def fit(self, X, Y, epochs=1, validation_data=None, on_progress=None, on_epoch_end=None):
+        """Train for `epochs` passes over (X, Y); returns a History.
+
+        on_progress(n_samples) is called as chunks of batches finish (to drive a
+        progress bar); on_epoch_end(epoch, record) after each epoch.
+        """
+        X, Y = _check_xy(self.model, X, Y)
+        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
+            raise ValueError(f"epochs: expected an integer >= 0, got {epochs!r}")
+        validation = None
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError("validation_data: expected a tuple (X_val, y_val)")
+            validation = _check_xy(self.model, *validation_data)
+        engine = self._get_engine()
+        engine.prepare(X, Y)
+        with engine.threads_context():
+            return self._fit_epochs(engine, X, Y, int(epochs), validation,
+                                    on_progress, on_epoch_end)
+
+    def _fit_epochs(self, engine, X, Y, epochs, validation, on_progress, on_epoch_end):
+        n, bs = len(X), self.batch_size
+        n_batches = -(-n // bs)
+        # Chunks of batches between progress reports: about 1/20 of an epoch, so that
+        # Python runs a few dozen times per epoch, never once per batch.
+        chunk = max(1, n_batches // 20) if on_progress is not None else n_batches
+        history = History()
+        for epoch in range(epochs):
+            order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+            t0 = time.perf_counter()
+            total, correct = 0.0, 0
+            for b0 in range(0, n_batches, chunk):
+                b1 = min(n_batches, b0 + chunk)
+                t, c, bad = engine.train_batches(order, bs, b0, b1, self.lr)
+                total += t
+                correct += c
+                if bad >= 0:
+                    raise TrainingDiverged(
+                        f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, "
+                        f"batch {bad + 1} of {n_batches}; the model keeps the weights from before "
+                        f"that batch. Try a lower learning rate (lr={self.lr:g}).")
+                if on_progress is not None:
+                    on_progress(min(b1 * bs, n) - b0 * bs)
+            seconds = time.perf_counter() - t0
+            record = {"epoch": epoch + 1, "loss": total / n, "accuracy": correct / n,
+                      "seconds": seconds, "samples_per_second": n / seconds if seconds > 0 else float("inf")}
+            if validation:
+                v = self._evaluate_checked(*validation)
+                record["val_loss"], record["val_accuracy"] = v["loss"], v["accuracy"]
+            history.append(record)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
+        return history
+
+    def _evaluate_checked(self, X, Y):
+        P = self.model.predict_proba(X)
+        out = {"loss": float(losses.value(self.loss, self.model.activations[-1], P, Y))}
+        t, p = metrics._labels(Y, "y"), metrics._labels(P, "P")
+        k = max(self.model.n_outputs, 2)
+        out["accuracy"] = metrics.accuracy(t, p)
+        out["precision_macro"] = metrics.precision(t, p, "macro", k)
+        out["recall_macro"] = metrics.recall(t, p, "macro", k)
+        out["f1_macro"] = metrics.f1(t, p, "macro", k)
+        out["micro_averaged_accuracy"] = metrics.micro_averaged_accuracy(t, p, k)
+        return out
+
+    def evaluate(self, X, y):
+        """Loss, accuracy, macro precision/recall/F1 and seed 002's micro-averaged
+        accuracy of the model on (X, y), as a dict of floats."""
+        X, Y = _check_xy(self.model, X, y)
+        return self._evaluate_checked(X, Y)
+
+
+class _NumpyEngine:
+    """The reference backend: plain vectorised NumPy, one Python step per batch."""
+
+    def __init__(self, model, loss, threads):
+        self.model, self.loss, self.threads = model, loss, threads
+
+    def threads_context(self):
+        # BLAS threads, for a fair comparison at a given thread count; restored after.
+        if self.threads is None:
+            return contextlib.nullcontext()
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(limits=int(self.threads), user_api="blas")
+
+    def prepare(self, X, Y):
+        self.X, self.Y = X, Y
+
+    def train_batches(self, order, bs, b0, b1, lr):
+        m = self.model
+        return reference.train_batches(m.weights, m.biases, m.activations, self.loss,
+                                       self.X, self.Y, lr, order, bs, b0, b1)

@@ -1,0 +1,1 @@
+"""Numba kernels (installed as fastmlp.kernels)."""
