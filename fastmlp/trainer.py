@@ -9,7 +9,7 @@ from . import losses, metrics, reference
 from .model import MLP
 
 BACKENDS = ("numba", "numpy")
-DEFAULT_BACKEND = "numpy"
+DEFAULT_BACKEND = "numba"
 
 
 class TrainingDiverged(FloatingPointError):
@@ -160,8 +160,8 @@ class Trainer:
                 raise ValueError("validation_data: expected a tuple (X_val, y_val)")
             validation = _check_xy(self.model, *validation_data)
         engine = self._get_engine()
-        engine.prepare(X, Y)
         with engine.threads_context():
+            engine.prepare(X, Y)
             return self._fit_epochs(engine, X, Y, int(epochs), validation,
                                     on_progress, on_epoch_end)
 
@@ -178,14 +178,12 @@ class Trainer:
             total, correct = 0.0, 0
             for b0 in range(0, n_batches, chunk):
                 b1 = min(n_batches, b0 + chunk)
+                snapshot = [p.copy() for p in self.model.weights + self.model.biases]
                 t, c, bad = engine.train_batches(order, bs, b0, b1, self.lr)
                 total += t
                 correct += c
                 if bad >= 0:
-                    raise TrainingDiverged(
-                        f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, "
-                        f"batch {bad + 1} of {n_batches}; the model keeps the weights from before "
-                        f"that batch. Try a lower learning rate (lr={self.lr:g}).")
+                    self._diverged(epoch, bad, n_batches, b0, snapshot)
                 if on_progress is not None:
                     on_progress(min(b1 * bs, n) - b0 * bs)
             seconds = time.perf_counter() - t0
@@ -198,6 +196,20 @@ class Trainer:
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)
         return history
+
+    def _diverged(self, epoch, bad, n_batches, b0, snapshot):
+        # The bad batch's update was not applied. If an earlier update had already
+        # overflowed a weight, go back to the last state known finite.
+        params = self.model.weights + self.model.biases
+        kept = f"the weights from before batch {bad + 1}"
+        if not all(np.isfinite(p).all() for p in params):
+            for p, s in zip(params, snapshot):
+                p[...] = s
+            kept = f"the last finite weights (from before batch {b0 + 1})"
+        raise TrainingDiverged(
+            f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, batch "
+            f"{bad + 1} of {n_batches}; the model keeps {kept}. Try a lower learning rate "
+            f"(lr={self.lr:g}).")
 
     def _evaluate_checked(self, X, Y):
         P = self.model.predict_proba(X)

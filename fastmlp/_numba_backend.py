@@ -1,0 +1,152 @@
+"""The numba backend: owns the workspaces and calls fastmlp.kernels."""
+import contextlib
+
+import numpy as np
+
+from . import activations, losses
+from .kernels import dense, epoch
+
+# Below this fraction of nonzeros the first layer reads the input as CSR.
+SPARSE_DENSITY = 0.5
+
+
+def _codes(model):
+    return np.array([activations.CODES[a] for a in model.activations], dtype=np.int64)
+
+
+def _clip_bounds(dtype):
+    f = np.finfo(dtype)
+    return dtype.type(f.tiny), dtype.type(1) - dtype.type(f.epsneg)
+
+
+def _contiguous_params(model):
+    # The kernels update the model's own arrays in place.
+    model.weights = [np.ascontiguousarray(W, dtype=model.dtype) for W in model.weights]
+    model.biases = [np.ascontiguousarray(b, dtype=model.dtype) for b in model.biases]
+
+
+@contextlib.contextmanager
+def num_threads(threads):
+    """Run with `threads` numba threads, restoring the previous count afterwards."""
+    import numba
+    if threads is None:
+        yield numba.get_num_threads()
+        return
+    limit = numba.config.NUMBA_NUM_THREADS
+    if threads > limit:
+        raise ValueError(f"threads: at most {limit} (NUMBA_NUM_THREADS, the size of numba's "
+                         f"thread pool, fixed at start-up), got {threads}")
+    before = numba.get_num_threads()
+    numba.set_num_threads(int(threads))
+    try:
+        yield int(threads)
+    finally:
+        numba.set_num_threads(before)
+
+
+def to_csr(X):
+    """CSR arrays (indptr int64, indices int32, values) of a dense 2-D array."""
+    nz = X != 0
+    indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
+    np.cumsum(nz.sum(axis=1), out=indptr[1:])
+    rows, cols = np.nonzero(nz)
+    return indptr, cols.astype(np.int32), np.ascontiguousarray(X[rows, cols])
+
+
+class Engine:
+    """Trains a model with the compiled epoch; workspaces are allocated once per
+    (model, batch size, thread count) and reused across chunks and epochs."""
+
+    def __init__(self, model, loss, batch_size, threads):
+        self.model, self.loss, self.batch_size, self.threads = model, loss, batch_size, threads
+        self._ws_key = None
+
+    @contextlib.contextmanager
+    def threads_context(self):
+        # BLAS runs single-threaded inside the compiled epoch: each numba thread
+        # calls it on its own rows, and nested thread pools would oversubscribe.
+        # np.dot in compiled code calls SciPy's BLAS, a different library from
+        # NumPy's; threadpoolctl only limits libraries already loaded, so load it
+        # first (unlimited, 2 BLAS threads under each of 2 numba threads ran 60x
+        # slower: 6k against 390k samples/s).
+        import scipy.linalg.cython_blas  # noqa: F401
+        from threadpoolctl import threadpool_limits
+        with num_threads(self.threads), threadpool_limits(limits=1, user_api="blas"):
+            yield
+
+    def prepare(self, X, Y):
+        import numba
+        m = self.model
+        _contiguous_params(m)
+        self.Y = Y
+        self.sparse = bool(np.count_nonzero(X) < SPARSE_DENSITY * X.size)
+        if self.sparse:
+            self.indptr, self.indices, self.values = to_csr(X)
+            self.X = np.zeros((1, X.shape[1]), dtype=m.dtype)
+        else:
+            self.X = X
+            self.indptr = np.zeros(1, dtype=np.int64)
+            self.indices = np.zeros(0, dtype=np.int32)
+            self.values = np.zeros(0, dtype=m.dtype)
+        T = numba.get_num_threads()
+        key = (T, tuple(m.layer_sizes), m.dtype)
+        if key != self._ws_key:
+            self._allocate(T)
+            self._ws_key = key
+
+    def _allocate(self, T):
+        m, B = self.model, self.batch_size
+        dt, sizes = m.dtype, m.layer_sizes
+        n_in = sizes[0]
+        self.A0 = np.zeros((B, n_in), dtype=dt)
+        self.Yb = np.zeros((B, sizes[-1]), dtype=dt)
+        self.As = tuple(np.zeros((B, n), dtype=dt) for n in sizes[1:])
+        self.Ds = tuple(np.zeros((B, n), dtype=dt) for n in sizes[1:])
+        self.dWs = tuple(np.zeros((T, a, b), dtype=dt) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.dbs = tuple(np.zeros((T, b), dtype=dt) for b in sizes[1:])
+        self.loss_parts = np.zeros(T, dtype=np.float64)
+        self.correct_parts = np.zeros(T, dtype=np.int64)
+        self.tiny, self.top = _clip_bounds(dt)
+        self.codes = _codes(m)
+        self.loss_code = losses.CODES[self.loss]
+
+    def train_batches(self, order, bs, b0, b1, lr):
+        m = self.model
+        total, correct, bad = epoch.train_epoch(
+            tuple(m.weights), tuple(m.biases), self.codes, self.loss_code, self.X, self.sparse,
+            self.indptr, self.indices, self.values, self.Y, np.ascontiguousarray(order, dtype=np.int64),
+            bs, b0, b1, float(lr), self.A0, self.Yb, self.As, self.Ds, self.dWs, self.dbs,
+            self.tiny, self.top, self.loss_parts, self.correct_parts)
+        return float(total), int(correct), int(bad)
+
+
+def forward(model, X):
+    """All activations [X, A_1, ..., A_L] through the fused dense_forward kernel."""
+    codes = _codes(model)
+    As = [X]
+    for W, b, c in zip(model.weights, model.biases, codes):
+        out = np.empty((X.shape[0], W.shape[1]), dtype=model.dtype)
+        dense.dense_forward(As[-1], np.ascontiguousarray(W), np.ascontiguousarray(b), c, out)
+        As.append(out)
+    return As
+
+
+def gradients(model, X, Y, loss):
+    """Mean-over-batch [(dW, db), ...] through dense_forward / dense_backward."""
+    codes = _codes(model)
+    As = forward(model, X)
+    L = len(model.weights)
+    tiny, top = _clip_bounds(model.dtype)
+    dA = np.empty_like(As[-1])
+    dense.output_delta_rows(losses.CODES[loss], codes[-1], As[-1], Y, dA, tiny, top, 0, len(X))
+    grads = [None] * L
+    for l in range(L - 1, -1, -1):
+        W = np.ascontiguousarray(model.weights[l])
+        dW, db = np.empty_like(W), np.empty(W.shape[1], dtype=model.dtype)
+        dA_prev = np.empty_like(As[l])
+        # The output delta already includes the output activation's Jacobian.
+        act = activations.CODES["linear"] if l == L - 1 else codes[l]
+        dense.dense_backward(dA, As[l + 1], act, As[l], W, dW, db, dA_prev, l > 0)
+        grads[l] = (dW, db)
+        dA = dA_prev
+    return grads

@@ -1,0 +1,137 @@
+"""The numba backend against the reference: gradients, one step, one epoch, and
+determinism for a given seed and thread count."""
+import copy
+import hashlib
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastmlp
+from fastmlp import reference
+
+from conftest import random_model, random_targets
+
+NETS = [
+    ([784, 64, 32, 16, 10], "sigmoid", "squared_error"),                     # seed 000
+    ([784, 32, 16, 10], ["tanh", "tanh", "softmax"], "cross_entropy"),       # seed 002
+    ([17, 9, 3], ["relu", "sigmoid"], "cross_entropy"),
+    ([5, 4, 1], ["tanh", "linear"], "squared_error"),
+    ([13, 7, 4], ["relu", "softmax"], "squared_error"),
+]
+THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+
+
+def digest(model):
+    h = hashlib.sha256()
+    for a in model.weights + model.biases:
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def inputs(rng, n, n_in):
+    X = rng.random((n, n_in))
+    if n_in == 784:
+        X[rng.random(X.shape) < 0.8] = 0        # MNIST-like sparsity: the CSR path
+    return X
+
+
+@pytest.mark.parametrize("sizes,acts,loss", NETS)
+def test_gradients_equal_reference(sizes, acts, loss):
+    rng = np.random.default_rng(len(sizes))
+    model = random_model(rng, sizes, acts)
+    for B in (1, 7, 100):
+        X = inputs(rng, B, sizes[0])
+        Y = random_targets(rng, B, sizes[-1], loss, model.activations[-1])
+        ref = fastmlp.gradients(model, X, Y, loss=loss, backend="numpy")
+        got = fastmlp.gradients(model, X, Y, loss=loss, backend="numba")
+        for (rW, rb), (gW, gb) in zip(ref, got):
+            np.testing.assert_allclose(gW, rW, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(gb, rb, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("sizes,acts,loss", NETS)
+def test_epoch_equals_reference_float64(sizes, acts, loss, threads):
+    """A full epoch with a fixed shuffle, partial last batch included, in float64."""
+    rng = np.random.default_rng(99)
+    n, bs = 230, 32                         # 8 batches, the last of 6 rows
+    X = inputs(rng, n, sizes[0])
+    ref_model = fastmlp.MLP(sizes, acts, dtype="float64", seed=5)
+    Y = fastmlp.trainer.targets(ref_model, random_targets(rng, n, sizes[-1], loss, ref_model.activations[-1]))
+    got_model = copy.deepcopy(ref_model)
+    order = rng.permutation(n)
+    t_ref, c_ref, _ = reference.train_epoch(ref_model.weights, ref_model.biases, ref_model.activations,
+                                           loss, X, Y, 0.1, bs, order)
+    trainer = fastmlp.Trainer(got_model, loss=loss, lr=0.1, batch_size=bs, backend="numba", threads=threads)
+    engine = trainer._get_engine()
+    with engine.threads_context():
+        engine.prepare(X, Y)
+        t_got, c_got, bad = engine.train_batches(order, bs, 0, -(-n // bs), 0.1)
+    assert bad == -1
+    assert c_got == c_ref
+    assert t_got == pytest.approx(t_ref, rel=1e-12)
+    for a, b in zip(ref_model.weights + ref_model.biases, got_model.weights + got_model.biases):
+        np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
+    # Training moved the weights: the comparison is not of two untouched copies.
+    assert not np.allclose(ref_model.weights[0], fastmlp.MLP(sizes, acts, dtype="float64", seed=5).weights[0])
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_same_seed_same_threads_same_bytes(threads):
+    rng = np.random.default_rng(0)
+    X = inputs(rng, 500, 784).astype(np.float32)
+    y = rng.integers(0, 10, 500)
+    digests = []
+    for _ in range(2):
+        model = fastmlp.MLP([784, 64, 32, 16, 10], "sigmoid", seed=3)
+        fastmlp.Trainer(model, lr=2.0, batch_size=37, seed=4, threads=threads).fit(X, y, epochs=2)
+        digests.append(digest(model))
+    assert digests[0] == digests[1]
+    other = fastmlp.MLP([784, 64, 32, 16, 10], "sigmoid", seed=3)
+    fastmlp.Trainer(other, lr=2.0, batch_size=37, seed=5, threads=threads).fit(X, y, epochs=2)
+    assert digest(other) != digests[0]        # the shuffle seed matters
+
+
+def test_threads_restored_after_fit():
+    before = numba.get_num_threads()
+    model = fastmlp.MLP([4, 3, 2], "tanh", seed=0)
+    fastmlp.Trainer(model, lr=0.1, threads=1).fit(np.ones((5, 4)), [0, 1, 0, 1, 1])
+    assert numba.get_num_threads() == before
+
+
+def test_too_many_threads_is_a_clear_error():
+    model = fastmlp.MLP([4, 3, 2], "tanh", seed=0)
+    limit = numba.config.NUMBA_NUM_THREADS
+    with pytest.raises(ValueError, match=f"threads: at most {limit}"):
+        fastmlp.Trainer(model, threads=limit + 1).fit(np.ones((5, 4)), [0, 1, 0, 1, 1])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+       hidden=st.sampled_from(["sigmoid", "tanh", "relu", "linear"]),
+       out=st.sampled_from(["sigmoid", "softmax", "linear"]),
+       batch=st.integers(1, 12), n=st.integers(1, 30), scale=st.floats(0.01, 30.0),
+       seed=st.integers(0, 2**16))
+def test_property_numba_step_matches_reference(sizes, hidden, out, batch, n, scale, seed):
+    if out == "softmax" and sizes[-1] < 2:
+        sizes[-1] = 2
+    loss = "squared_error" if out == "linear" else "cross_entropy"
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, sizes[0])) * scale
+    ref_model = fastmlp.MLP(sizes, [hidden] * (len(sizes) - 2) + [out], dtype="float64", seed=seed)
+    Y = random_targets(rng, n, sizes[-1], loss, out)
+    got_model = copy.deepcopy(ref_model)
+    order = rng.permutation(n)
+    reference.train_batches(ref_model.weights, ref_model.biases, ref_model.activations, loss, X,
+                            fastmlp.trainer.targets(ref_model, Y), 0.05, order, batch, 0, 1)
+    trainer = fastmlp.Trainer(got_model, loss=loss, lr=0.05, batch_size=batch, backend="numba")
+    engine = trainer._get_engine()
+    with engine.threads_context():
+        engine.prepare(X, fastmlp.trainer.targets(got_model, Y))
+        engine.train_batches(order, batch, 0, 1, 0.05)
+    for a, b in zip(ref_model.weights + ref_model.biases, got_model.weights + got_model.biases):
+        assert np.isfinite(b).all()
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
