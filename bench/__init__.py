@@ -1,0 +1,1 @@
+"""fastmlp benchmarks: `pytest bench` (pytest-benchmark) and `python -m bench.table`."""

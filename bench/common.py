@@ -1,0 +1,74 @@
+"""What the benchmarks share: configurations, FLOP counts, the machine's GEMM rate."""
+import os
+import platform
+import time
+
+import numpy as np
+
+CONFIGS = {
+    # name: (layer sizes, activations, loss, batch size, lr) -- plain SGD on MNIST, float32
+    "seed000": ([784, 64, 32, 16, 10], "sigmoid", "squared_error", 100, 4.0),
+    "seed002": ([784, 32, 16, 10], ["tanh", "tanh", "softmax"], "cross_entropy", 32, 0.1),
+    "wide": ([784, 512, 512, 10], ["relu", "relu", "softmax"], "cross_entropy", 128, 0.1),
+}
+
+
+def train_flops_per_sample(sizes):
+    """Nominal (dense) FLOPs of one SGD step per sample: forward X W (2 n_in n_out),
+    weight gradient A^T delta (2 n_in n_out), and delta W^T for every layer but the
+    first (2 n_in n_out). Skipped zeros are not subtracted: GFLOP/s figures are
+    effective rates against dense work."""
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    return sum(4 * a * b for a, b in pairs) + sum(2 * a * b for a, b in pairs[1:])
+
+
+def mnist():
+    from fastmlp import data
+    path = os.environ.get("FASTMLP_DATA")
+    if not path:
+        raise RuntimeError("set FASTMLP_DATA to the MNIST directory (e.g. ../shared/data)")
+    (xtr, ytr), (xte, yte) = data.load_mnist(path)
+    return data.prepare(xtr), ytr, data.prepare(xte), yte
+
+
+def gemm_rate(threads=None, n=1024, repeats=7):
+    """Best float32 GEMM rate (GFLOP/s) of NumPy's BLAS on an n x n product."""
+    from threadpoolctl import threadpool_limits
+    rng = np.random.default_rng(0)
+    A = rng.random((n, n), dtype=np.float32)
+    B = rng.random((n, n), dtype=np.float32)
+    with threadpool_limits(limits=threads, user_api="blas"):
+        A @ B
+        best = min(_timed(lambda: A @ B) for _ in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
+def _timed(f):
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def versions():
+    import numba
+    import fastmlp
+    try:
+        from threadpoolctl import threadpool_info
+        blas = sorted({f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})"
+                       for i in threadpool_info() if i.get("user_api") == "blas"})
+    except Exception:  # pragma: no cover
+        blas = []
+    return {"fastmlp": fastmlp.__version__, "numpy": np.__version__, "numba": numba.__version__,
+            "python": platform.python_version(), "cpu": cpu_name(), "cores": os.cpu_count(),
+            "blas": blas}
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
