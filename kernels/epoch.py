@@ -17,7 +17,9 @@ n_out), dbs[l] (n_chunks, n_out). Nothing is allocated inside the batch loop.
 Matrix products go through BLAS (np.dot into views of each chunk's rows; the
 caller limits BLAS to one thread, since the chunks already use every core). With a
 sparse input (MNIST is ~81% zeros) the first layer's forward product reads the data
-as CSR (indptr, indices, values), so only nonzero pixels cost anything.
+as CSR (indptr, indices, values), and its weight gradient builds a per-chunk CSC of
+the batch, so only nonzero pixels cost anything; rows of W_1 whose pixel is zero in
+the whole batch are not touched (their gradient is exactly zero).
 """
 import numpy as np
 from numba import njit, prange
@@ -26,9 +28,69 @@ from .dense import (backprop_rows, bias_activate_rows, csr_matmul_rows, matmul_r
                     output_delta_rows, weight_grad_rows)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, count, ptr, crow, cval,
+                    touched):
+    """First-layer weight gradient for a sparse input, touching only nonzero pixels.
+
+    Builds the CSC of batch rows r0..r1-1 (which rows have a nonzero in column k),
+    then dW[k] = sum over those rows of x[r, k] D[r], four rows per pass with dW[k]
+    and D in L1, in ascending row order (deterministic). Rows k with no nonzero are
+    not written: touched[k] = False says so, and their gradient is exactly zero.
+    db = column sums of D. Measured against scattering the batch dense and calling
+    BLAS: 224 against 250 us (100 rows into 64 units), 423 against 742 us (64 rows
+    into 512 units).
+    """
+    n_in, n_out = dW.shape
+    zero = D.dtype.type(0)
+    for k in range(n_in):
+        count[k] = 0
+    for r in range(r0, r1):
+        src = rows[r]
+        for p in range(indptr[src], indptr[src + 1]):
+            count[indices[p]] += 1
+    ptr[0] = 0
+    for k in range(n_in):
+        ptr[k + 1] = ptr[k] + count[k]
+        count[k] = ptr[k]
+    for r in range(r0, r1):
+        src = rows[r]
+        for p in range(indptr[src], indptr[src + 1]):
+            k = indices[p]
+            crow[count[k]] = r
+            cval[count[k]] = values[p]
+            count[k] += 1
+    for k in range(n_in):
+        q = ptr[k]
+        q1 = ptr[k + 1]
+        touched[k] = q1 > q
+        if q1 == q:
+            continue
+        for j in range(n_out):
+            dW[k, j] = zero
+        while q + 4 <= q1:
+            ra, rb, rc, rd = crow[q], crow[q + 1], crow[q + 2], crow[q + 3]
+            xa, xb, xc, xd = cval[q], cval[q + 1], cval[q + 2], cval[q + 3]
+            for j in range(n_out):
+                dW[k, j] = dW[k, j] + xa * D[ra, j] + xb * D[rb, j] + xc * D[rc, j] + xd * D[rd, j]
+            q += 4
+        while q < q1:
+            ra = crow[q]
+            xa = cval[q]
+            for j in range(n_out):
+                dW[k, j] = dW[k, j] + xa * D[ra, j]
+            q += 1
+    for j in range(n_out):
+        db[j] = zero
+    for r in range(r0, r1):
+        for j in range(n_out):
+            db[j] += D[r, j]
+
+
 @njit(cache=True, error_model="numpy")
 def chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr, indices, values,
-                           Y, rows, A0, Yb, As, Ds, dWs, dbs, tiny, top):
+                           Y, rows, A0, Yb, As, Ds, dWs, dbs, count, ptr, crow, cval, touched,
+                           tiny, top):
     """Forward and backward for batch rows r0..r1-1 (chunk t); returns the chunk's
     summed loss and number correct."""
     L = len(Ws)
@@ -40,14 +102,6 @@ def chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr, ind
     n_in = A0.shape[1]
     if sparse:
         csr_matmul_rows(indptr, indices, values, rows, Ws[0], As[0], r0, r1)
-        # The weight gradient X^T D wants the batch dense: scatter the nonzeros.
-        zero = A0.dtype.type(0)
-        for r in range(r0, r1):
-            src = rows[r]
-            for k in range(n_in):
-                A0[r, k] = zero
-            for p in range(indptr[src], indptr[src + 1]):
-                A0[r, indices[p]] = values[p]
     else:
         for r in range(r0, r1):
             src = rows[r]
@@ -63,12 +117,16 @@ def chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr, ind
     for l in range(L - 1, 0, -1):
         backprop_rows(Ds[l], Ws[l], As[l - 1], acts[l - 1], Ds[l - 1], r0, r1)
         weight_grad_rows(As[l - 1], Ds[l], dWs[l][t], dbs[l][t], r0, r1)
-    weight_grad_rows(A0, Ds[0], dWs[0][t], dbs[0][t], r0, r1)
+    if sparse:
+        weight_grad_csc(indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t], dbs[0][t],
+                        count[t], ptr[t], crow[t], cval[t], touched[t])
+    else:
+        weight_grad_rows(A0, Ds[0], dWs[0][t], dbs[0][t], r0, r1)
     return total, correct
 
 
 @njit(cache=True, error_model="numpy")
-def update_share(t, n_chunks, Ws, bs, dWs, dbs, lr_b):
+def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, lr_b):
     """Apply the summed partial gradients to chunk t's share of all weight rows
     (every layer's W rows, then its bias as one more row)."""
     L = len(Ws)
@@ -86,6 +144,20 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, lr_b):
         k1 = min(hi, base + n_in + 1) - base
         for k in range(k0, k1):
             if k < n_in:
+                if l == 0 and sparse:
+                    # Only chunks that touched row k wrote it; the rest are zero.
+                    first = -1
+                    for c in range(n_chunks):
+                        if touched[c, k]:
+                            if first < 0:
+                                first = c
+                            else:
+                                for j in range(n_out):
+                                    dW[first, k, j] += dW[c, k, j]
+                    if first >= 0:
+                        for j in range(n_out):
+                            W[k, j] -= lr_b * dW[first, k, j]
+                    continue
                 for c in range(1, n_chunks):
                     for j in range(n_out):
                         dW[0, k, j] += dW[c, k, j]
@@ -102,9 +174,12 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, lr_b):
         base += n_in + 1
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, error_model="numpy",
+      parallel={"prange": True, "numpy": False, "reduction": False, "setitem": False,
+                "stencil": False, "fusion": False, "comprehension": False, "inplace_binop": False})
 def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order, batch_size,
-                b0, b1, lr, A0, Yb, As, Ds, dWs, dbs, tiny, top, loss_parts, correct_parts):
+                b0, b1, lr, A0, Yb, As, Ds, dWs, dbs, count, ptr, crow, cval, touched, tiny, top,
+                loss_parts, correct_parts):
     """SGD over batches b0..b1-1 of an epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] (the last may be partial).
 
@@ -126,7 +201,7 @@ def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order
             r1 = (t + 1) * nb // n_chunks
             lt, ct = chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr,
                                             indices, values, Y, rows, A0, Yb, As, Ds, dWs, dbs,
-                                            tiny, top)
+                                            count, ptr, crow, cval, touched, tiny, top)
             loss_parts[t] = lt
             correct_parts[t] = ct
         batch_loss = 0.0
@@ -140,5 +215,5 @@ def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order
         correct += batch_correct
         lr_b = Ws[0].dtype.type(lr / nb)
         for t in prange(n_chunks):
-            update_share(t, n_chunks, Ws, bs, dWs, dbs, lr_b)
+            update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, lr_b)
     return total, correct, -1

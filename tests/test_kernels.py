@@ -166,3 +166,26 @@ def test_vectorised_math_accuracy():
     np.testing.assert_array_equal(out[:4], [0, 0, 1, 1])
     run(ext, out[:4], 2)
     np.testing.assert_array_equal(out[:4], [-1, -1, 1, 1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_grad_csc(dtype):
+    from fastmlp.kernels import epoch
+    rng = np.random.default_rng(13)
+    for (n_in, n_out), B in itertools.product(SIZES, BATCHES):
+        X = sparse_input(rng, (B + 9, n_in), dtype)
+        indptr, indices, values = to_csr(X)
+        rows = rng.permutation(B + 9)[:B].astype(np.int64)
+        D = rand(rng, (B, n_out), dtype)
+        dW = np.full((n_in, n_out), np.nan, dtype)
+        db = np.empty(n_out, dtype)
+        nnz = max(1, int(np.diff(indptr).max()) * B)
+        touched = np.zeros(n_in, np.bool_)
+        r0, r1 = B // 4, B
+        epoch.weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db,
+                              np.zeros(n_in, np.int64), np.zeros(n_in + 1, np.int64),
+                              np.zeros(nnz, np.int64), np.zeros(nnz, dtype), touched)
+        Xb = X[rows[r0:r1]]
+        np.testing.assert_array_equal(touched, (Xb != 0).any(axis=0))
+        np.testing.assert_allclose(dW[touched], (Xb.T @ D[r0:r1])[touched], **TOL[dtype])
+        np.testing.assert_allclose(db, D[r0:r1].sum(axis=0), **TOL[dtype])
