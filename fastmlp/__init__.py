@@ -8,8 +8,8 @@
 from . import activations, data, losses, metrics, reference
 from .data import load_mnist
 from .model import MLP, load
-from .trainer import History, Trainer, TrainingDiverged, gradients
+from .trainer import History, Trainer, TrainingDiverged, TrainingInterrupted, gradients
 
 __version__ = "0.1.0"
-__all__ = ["MLP", "Trainer", "History", "TrainingDiverged", "gradients", "load", "load_mnist",
+__all__ = ["MLP", "Trainer", "History", "TrainingDiverged", "TrainingInterrupted", "gradients", "load", "load_mnist",
            "activations", "losses", "metrics", "reference", "data", "__version__"]

@@ -119,15 +119,17 @@ class Engine:
         self.codes = _codes(m)
         self.loss_code = losses.CODES[self.loss]
 
-    def train_batches(self, order, bs, b0, b1, lr):
+    def train_batches(self, order, bs, b0, b1, lr, stop=None):
         m = self.model
-        total, correct, bad = epoch.train_epoch(
+        if stop is None:
+            stop = np.zeros(1, dtype=np.int64)
+        total, correct, bad, done = epoch.train_epoch(
             tuple(m.weights), tuple(m.biases), self.codes, self.loss_code, self.X, self.sparse,
             self.indptr, self.indices, self.values, self.Y, np.ascontiguousarray(order, dtype=np.int64),
             bs, b0, b1, float(lr), self.A0, self.Yb, self.As, self.Ds, self.dWs, self.dbs,
             self.count, self.ptr, self.crow, self.cval, self.touched, self.tiny, self.top,
-            self.loss_parts, self.correct_parts)
-        return float(total), int(correct), int(bad)
+            self.loss_parts, self.correct_parts, stop)
+        return float(total), int(correct), int(bad), int(done)
 
 
 def forward(model, X):

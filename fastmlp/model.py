@@ -81,10 +81,14 @@ class MLP:
         if X.shape[1] != self.n_inputs:
             raise ValueError(f"{argument}: expected {self.n_inputs} features per sample "
                              f"(the model's input size), got {X.shape[1]}")
-        X = np.ascontiguousarray(X, dtype=self.dtype)
-        if not np.isfinite(X).all():
+        converted = np.ascontiguousarray(X, dtype=self.dtype)
+        if not np.isfinite(converted).all():
+            if X.dtype.kind == "f" and np.isfinite(X).all():
+                raise ValueError(f"{argument}: values up to {np.abs(X).max():.3g} do not fit in "
+                                 f"{self.dtype.name} (max {np.finfo(self.dtype).max:.3g}); scale "
+                                 f"the input or use dtype='float64'")
             raise ValueError(f"{argument}: contains NaN or infinity")
-        return X
+        return converted
 
     def predict_proba(self, X):
         """The output layer's activations, shape (n_samples, n_outputs)."""

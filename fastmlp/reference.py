@@ -49,31 +49,36 @@ def n_correct(out, Y):
     return int(np.count_nonzero(out.argmax(axis=1) == Y.argmax(axis=1)))
 
 
-def train_batches(weights, biases, acts, loss, X, Y, lr, order, batch_size, b0, b1):
+def train_batches(weights, biases, acts, loss, X, Y, lr, order, batch_size, b0, b1, stop=None):
     """SGD steps for batches b0..b1-1 of the epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] of X, so the last one may be partial.
 
-    Returns (summed per-sample loss, number correct, bad): loss and accuracy come
-    from each batch's forward pass before its update. bad is the first batch whose
-    loss is NaN or infinite (its update is not applied and training stops there),
-    or -1.
+    Returns (summed per-sample loss, number correct, bad, done): loss and accuracy
+    come from each batch's forward pass before its update. bad is the first batch
+    whose loss is NaN or infinite (its update is not applied and training stops
+    there), or -1; done is the first batch not trained (b1 unless stop[0] was set,
+    checked before each batch).
     """
     total, correct = 0.0, 0
     for b in range(b0, b1):
+        if stop is not None and stop[0]:
+            return total, correct, -1, b
         idx = order[b * batch_size:(b + 1) * batch_size]
         Xb, Yb = X[idx], Y[idx]
         As = forward(weights, biases, acts, Xb)
         t = float(losses.per_sample(loss, acts[-1], As[-1], Yb).sum())
         if not np.isfinite(t):
-            return total, correct, b
+            return total, correct, b, b
         sgd_step(weights, biases, backward(weights, acts, As, Yb, loss), lr)
         total += t
         correct += n_correct(As[-1], Yb)
-    return total, correct, -1
+    return total, correct, -1, b1
 
 
 def train_epoch(weights, biases, acts, loss, X, Y, lr, batch_size, order):
     """One epoch of mini-batch SGD over the rows of X in the given order: ceil(N/M)
     steps, the last partial batch trained, not dropped (seed 002)."""
     n_batches = -(-len(order) // batch_size)
-    return train_batches(weights, biases, acts, loss, X, Y, lr, order, batch_size, 0, n_batches)
+    total, correct, _, _ = train_batches(weights, biases, acts, loss, X, Y, lr, order, batch_size,
+                                         0, n_batches)
+    return total, correct

@@ -10,7 +10,7 @@ import numpy as np
 from . import __version__, activations, data, losses, metrics
 from ._io import atomic_write
 from .model import MLP
-from .trainer import BACKENDS, DEFAULT_BACKEND, Trainer, TrainingDiverged
+from .trainer import BACKENDS, DEFAULT_BACKEND, Trainer, TrainingDiverged, TrainingInterrupted
 
 PRESETS = {
     # Seed 000's network (784-64-32-16-10, sigmoid everywhere, squared error, batch
@@ -89,6 +89,11 @@ def build_parser():
     p.add_argument("--report", metavar="PATH",
                    help="write a JSON report: configuration, per-epoch history, timings, "
                         "versions and final test metrics under \"test\"")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="save model and training state here after every epoch and on Ctrl-C")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint if it exists (same result as an "
+                        "uninterrupted run with the same flags)")
     p.add_argument("--quiet", action="store_true", help="print only the final summary")
     return p
 
@@ -113,6 +118,8 @@ def _versions():
 
 
 def run(args, out=sys.stdout):
+    if args.resume and not args.checkpoint:
+        raise ValueError("--resume: needs --checkpoint PATH to resume from")
     cfg = resolve(args)
     (xtr, ytr), (xte, yte) = data.load_mnist(args.data)
     X, Xt = data.prepare(xtr, cfg["dtype"]), data.prepare(xte, cfg["dtype"])
@@ -148,7 +155,8 @@ def run(args, out=sys.stdout):
     try:
         history = trainer.fit(X, ytr, epochs=cfg["epochs"],
                               on_progress=bar.update if bar is not None else None,
-                              on_epoch_end=on_epoch_end)
+                              on_epoch_end=on_epoch_end, checkpoint=args.checkpoint,
+                              resume=args.resume)
     finally:
         if bar is not None:
             bar.close()
@@ -182,6 +190,8 @@ def main(argv=None):
         run(args)
     except (ValueError, TypeError, data.DataError, TrainingDiverged) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except TrainingInterrupted as e:
+        parser.exit(130, f"{parser.prog}: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
     return 0

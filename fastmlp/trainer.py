@@ -1,11 +1,13 @@
 """Mini-batch gradient descent around a backend that trains whole epochs."""
 import contextlib
 import numbers
+import os
 import time
 
 import numpy as np
 
-from . import losses, metrics, reference
+from . import _checkpoint, losses, metrics, reference
+from ._interrupt import StopOnInterrupt
 from .model import MLP
 
 BACKENDS = ("numba", "numpy")
@@ -14,6 +16,30 @@ DEFAULT_BACKEND = "numba"
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; the model keeps its last finite weights."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training between two batches (after saving the checkpoint, if
+    one was given)."""
+
+
+class _State:
+    """Where a fit stands: epochs done, the next batch of the current epoch, the
+    epoch's partial sums, the shuffling RNG state at the epoch's start, history."""
+
+    def __init__(self, epoch, next_batch, total, correct, seconds, rng_state, history):
+        self.epoch, self.next_batch = epoch, next_batch
+        self.total, self.correct, self.seconds = total, correct, seconds
+        self.rng_state, self.history = rng_state, history
+
+    @classmethod
+    def fresh(cls, rng):
+        return cls(0, 0, 0.0, 0, 0.0, rng.bit_generator.state, History())
+
+    def next_epoch(self, rng):
+        self.epoch += 1
+        self.next_batch, self.total, self.correct, self.seconds = 0, 0.0, 0, 0.0
+        self.rng_state = rng.bit_generator.state
 
 
 def check_backend(backend):
@@ -51,6 +77,19 @@ def targets(model, Y, argument="Y"):
     Y = np.ascontiguousarray(Y, dtype=model.dtype)
     if not np.isfinite(Y).all():
         raise ValueError(f"{argument}: contains NaN or infinity")
+    out_act = model.activations[-1]
+    if out_act == "softmax":
+        # A softmax output is a probability vector, so the targets must be too.
+        sums = Y.sum(axis=1)
+        bad = np.flatnonzero((Y < 0).any(axis=1) | (np.abs(sums - 1) > 1e-3))
+        if bad.size:
+            r = int(bad[0])
+            raise ValueError(f"{argument}: row {r} is not one-hot (nor a probability vector): "
+                             f"{Y[r].tolist()} sums to {sums[r]:g}; a softmax output needs rows "
+                             "of non-negative values summing to 1, or integer labels")
+    elif out_act == "sigmoid" and ((Y < 0) | (Y > 1)).any():
+        raise ValueError(f"{argument}: a sigmoid output needs targets in [0, 1], got values from "
+                         f"{Y.min():g} to {Y.max():g}")
     return Y
 
 
@@ -145,11 +184,20 @@ class Trainer:
                 self._engine = _NumpyEngine(self.model, self.loss, self.threads)
         return self._engine
 
-    def fit(self, X, Y, epochs=1, validation_data=None, on_progress=None, on_epoch_end=None):
-        """Train for `epochs` passes over (X, Y); returns a History.
+    def fit(self, X, Y, epochs=1, validation_data=None, on_progress=None, on_epoch_end=None,
+            checkpoint=None, resume=False):
+        """Train until `epochs` passes over (X, Y) are done; returns a History.
 
         on_progress(n_samples) is called as chunks of batches finish (to drive a
         progress bar); on_epoch_end(epoch, record) after each epoch.
+
+        checkpoint: a path; the model and the trainer's state (shuffling RNG, epoch,
+        position, history) are written there atomically after every epoch and on
+        Ctrl-C. resume=True continues from that file if it exists, to the same
+        weights as an uninterrupted run with the same seed, bit for bit.
+
+        Ctrl-C (SIGINT) finishes the batch being trained, writes the checkpoint (if
+        one was given) and raises TrainingInterrupted.
         """
         X, Y = _check_xy(self.model, X, Y)
         if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
@@ -159,43 +207,69 @@ class Trainer:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data: expected a tuple (X_val, y_val)")
             validation = _check_xy(self.model, *validation_data)
+        if resume and checkpoint is None:
+            raise ValueError("resume: needs checkpoint=path to resume from")
+        state = _State.fresh(self._rng)
+        if resume and os.path.exists(checkpoint):
+            state = _checkpoint.load(checkpoint, self, len(X))
         engine = self._get_engine()
         with engine.threads_context():
             engine.prepare(X, Y)
-            return self._fit_epochs(engine, X, Y, int(epochs), validation,
-                                    on_progress, on_epoch_end)
+            return self._fit_epochs(engine, X, Y, int(epochs), validation, on_progress,
+                                    on_epoch_end, checkpoint, state)
 
-    def _fit_epochs(self, engine, X, Y, epochs, validation, on_progress, on_epoch_end):
+    def _fit_epochs(self, engine, X, Y, epochs, validation, on_progress, on_epoch_end,
+                    checkpoint, state):
         n, bs = len(X), self.batch_size
         n_batches = -(-n // bs)
         # Chunks of batches between progress reports: about 1/20 of an epoch, so that
         # Python runs a few dozen times per epoch, never once per batch.
         chunk = max(1, n_batches // 20) if on_progress is not None else n_batches
-        history = History()
-        for epoch in range(epochs):
-            order = self._rng.permutation(n) if self.shuffle else np.arange(n)
-            t0 = time.perf_counter()
-            total, correct = 0.0, 0
-            for b0 in range(0, n_batches, chunk):
-                b1 = min(n_batches, b0 + chunk)
-                snapshot = [p.copy() for p in self.model.weights + self.model.biases]
-                t, c, bad = engine.train_batches(order, bs, b0, b1, self.lr)
-                total += t
-                correct += c
-                if bad >= 0:
-                    self._diverged(epoch, bad, n_batches, b0, snapshot)
-                if on_progress is not None:
-                    on_progress(min(b1 * bs, n) - b0 * bs)
-            seconds = time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "loss": total / n, "accuracy": correct / n,
-                      "seconds": seconds, "samples_per_second": n / seconds if seconds > 0 else float("inf")}
-            if validation:
-                v = self._evaluate_checked(*validation)
-                record["val_loss"], record["val_accuracy"] = v["loss"], v["accuracy"]
-            history.append(record)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, record)
+        history = state.history
+        with StopOnInterrupt() as interrupt:
+            while state.epoch < epochs:
+                # The order is drawn from the RNG state saved at the epoch's start, so a
+                # resumed epoch sees the same order as the uninterrupted one.
+                self._rng.bit_generator.state = state.rng_state
+                order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+                t0 = time.perf_counter()
+                b0 = state.next_batch
+                while b0 < n_batches:
+                    b1 = min(n_batches, b0 + chunk)
+                    snapshot = [p.copy() for p in self.model.weights + self.model.biases]
+                    t, c, bad, done = engine.train_batches(order, bs, b0, b1, self.lr, interrupt.flag)
+                    state.total += t
+                    state.correct += c
+                    if bad >= 0:
+                        self._diverged(state.epoch, bad, n_batches, b0, snapshot)
+                    if on_progress is not None and done > b0:
+                        on_progress(min(done * bs, n) - b0 * bs)
+                    b0 = state.next_batch = done
+                    if interrupt.interrupted:
+                        self._interrupted(state, n, n_batches, checkpoint)
+                seconds = state.seconds + time.perf_counter() - t0
+                record = {"epoch": state.epoch + 1, "loss": state.total / n,
+                          "accuracy": state.correct / n, "seconds": seconds,
+                          "samples_per_second": n / seconds if seconds > 0 else float("inf")}
+                if validation:
+                    v = self._evaluate_checked(*validation)
+                    record["val_loss"], record["val_accuracy"] = v["loss"], v["accuracy"]
+                history.append(record)
+                state.next_epoch(self._rng)
+                if checkpoint is not None:
+                    _checkpoint.save(checkpoint, self, n, state)
+                if on_epoch_end is not None:
+                    on_epoch_end(state.epoch, record)
         return history
+
+    def _interrupted(self, state, n, n_batches, checkpoint):
+        where = f"epoch {state.epoch + 1}, after batch {state.next_batch} of {n_batches}"
+        if checkpoint is not None:
+            _checkpoint.save(checkpoint, self, n, state)
+            raise TrainingInterrupted(f"interrupted at {where}; checkpoint saved to {checkpoint} "
+                                      "(continue with resume=True / --resume)")
+        raise TrainingInterrupted(f"interrupted at {where}; the model holds the weights "
+                                  "trained so far")
 
     def _diverged(self, epoch, bad, n_batches, b0, snapshot):
         # The bad batch's update was not applied. If an earlier update had already
@@ -246,7 +320,7 @@ class _NumpyEngine:
     def prepare(self, X, Y):
         self.X, self.Y = X, Y
 
-    def train_batches(self, order, bs, b0, b1, lr):
+    def train_batches(self, order, bs, b0, b1, lr, stop=None):
         m = self.model
         return reference.train_batches(m.weights, m.biases, m.activations, self.loss,
-                                       self.X, self.Y, lr, order, bs, b0, b1)
+                                       self.X, self.Y, lr, order, bs, b0, b1, stop)

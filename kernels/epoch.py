@@ -174,24 +174,28 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, lr_b):
         base += n_in + 1
 
 
-@njit(cache=True, error_model="numpy",
+@njit(cache=True, error_model="numpy", nogil=True,
       parallel={"prange": True, "numpy": False, "reduction": False, "setitem": False,
                 "stencil": False, "fusion": False, "comprehension": False, "inplace_binop": False})
 def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order, batch_size,
                 b0, b1, lr, A0, Yb, As, Ds, dWs, dbs, count, ptr, crow, cval, touched, tiny, top,
-                loss_parts, correct_parts):
+                loss_parts, correct_parts, interrupt):
     """SGD over batches b0..b1-1 of an epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] (the last may be partial).
 
-    Returns (summed loss, number correct, bad): loss and accuracy from each batch's
-    forward pass before its update; bad is the first batch whose loss is NaN or
-    infinite (its update is not applied and the call stops there), else -1.
+    Returns (summed loss, number correct, bad, done): loss and accuracy from each
+    batch's forward pass before its update; bad is the first batch whose loss is NaN
+    or infinite (its update is not applied and the call stops there), else -1; done
+    is the number of the first batch not trained: b1, or less when interrupt[0] was
+    set (by Ctrl-C; checked before each batch; nogil lets the watcher thread run).
     """
     n = order.shape[0]
     n_chunks = loss_parts.shape[0]
     total = 0.0
     correct = 0
     for b in range(b0, b1):
+        if interrupt[0] != 0:
+            return total, correct, -1, b
         start = b * batch_size
         stop = min(start + batch_size, n)
         nb = stop - start
@@ -210,10 +214,10 @@ def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order
             batch_loss += loss_parts[t]
             batch_correct += correct_parts[t]
         if not np.isfinite(batch_loss):
-            return total, correct, b
+            return total, correct, b, b
         total += batch_loss
         correct += batch_correct
         lr_b = Ws[0].dtype.type(lr / nb)
         for t in prange(n_chunks):
             update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, lr_b)
-    return total, correct, -1
+    return total, correct, -1, b1

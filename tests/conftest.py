@@ -34,6 +34,6 @@ def random_model(rng, sizes, acts, dtype="float64"):
 def random_targets(rng, n, k, loss, out_act):
     if loss == "cross_entropy" and out_act == "sigmoid":
         return (rng.random((n, k)) < 0.5).astype(np.float64)
-    if loss == "cross_entropy" or k == 1:
+    if loss == "cross_entropy" or k == 1 or out_act == "softmax":
         return np.eye(k)[rng.integers(0, k, n)]
     return rng.random((n, k))

@@ -63,13 +63,14 @@ def test_epoch_equals_reference_float64(sizes, acts, loss, threads):
     Y = fastmlp.trainer.targets(ref_model, random_targets(rng, n, sizes[-1], loss, ref_model.activations[-1]))
     got_model = copy.deepcopy(ref_model)
     order = rng.permutation(n)
-    t_ref, c_ref, _ = reference.train_epoch(ref_model.weights, ref_model.biases, ref_model.activations,
+    t_ref, c_ref = reference.train_epoch(ref_model.weights, ref_model.biases, ref_model.activations,
                                            loss, X, Y, 0.1, bs, order)
     trainer = fastmlp.Trainer(got_model, loss=loss, lr=0.1, batch_size=bs, backend="numba", threads=threads)
     engine = trainer._get_engine()
     with engine.threads_context():
         engine.prepare(X, Y)
-        t_got, c_got, bad = engine.train_batches(order, bs, 0, -(-n // bs), 0.1)
+        t_got, c_got, bad, done = engine.train_batches(order, bs, 0, -(-n // bs), 0.1)
+    assert done == -(-n // bs)
     assert bad == -1
     assert c_got == c_ref
     assert t_got == pytest.approx(t_ref, rel=1e-12)

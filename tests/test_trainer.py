@@ -102,12 +102,23 @@ def test_trainer_argument_errors(kwargs, match):
     (np.ones((2, 5)), [0, 3], ValueError, r"Y: labels must lie in 0..2"),
     (np.ones((2, 5)), [0.5, 1.0], TypeError, "Y: expected integer class labels"),
     (np.ones((2, 5)), np.ones((2, 4)), ValueError, r"Y: expected labels \(n,\) or rows \(n, 3\)"),
+    (np.ones((2, 5)), [[1, 1, 0], [0, 1, 0]], ValueError, r"Y: row 0 is not one-hot .* sums to 2"),
+    (np.ones((2, 5)), [[1.5, -0.5, 0], [0, 1, 0]], ValueError, r"Y: row 0 is not one-hot"),
 ])
 def test_fit_input_errors(X, y, exc, match):
     model = fastmlp.MLP([5, 3], "softmax")
     for backend in fastmlp.trainer.BACKENDS:
         with pytest.raises(exc, match=match):
             fastmlp.Trainer(model, "cross_entropy", backend=backend).fit(X, y)
+
+
+def test_soft_labels_and_sigmoid_targets():
+    X, y = toy(20)
+    soft = np.full((20, 3), 0.1)
+    soft[np.arange(20), y] = 0.8
+    fastmlp.Trainer(fastmlp.MLP([5, 3], "softmax"), "cross_entropy").fit(X, soft)   # accepted
+    with pytest.raises(ValueError, match=r"Y: a sigmoid output needs targets in \[0, 1\]"):
+        fastmlp.Trainer(fastmlp.MLP([5, 3], "sigmoid"), "cross_entropy").fit(X, soft * 2)
 
 
 def test_non_contiguous_and_integer_input_is_converted():
