@@ -1,0 +1,23 @@
+"""bench.compare end to end on a reduced run, so that it cannot rot."""
+import json
+
+import pytest
+
+from bench import compare
+
+
+def test_compare_writes_table_json_and_chart(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    compare.main(["--configs", "seed002", "--epochs", "2", "--threads", "1", "--out", str(tmp_path),
+                  "--peers", "fastmlp (numba),fastmlp (numpy reference),Keras (CPU)"])
+    md = next(tmp_path.glob("*.md")).read_text()
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert next(tmp_path.glob("*.png")).stat().st_size > 1000
+    ok = {r["peer"]: r for r in data["rows"] if r["status"] == "ok"}
+    assert ok["fastmlp (numba)"]["test_accuracy"] > 0.9
+    assert ok["fastmlp (numba)"]["fastmlp_speedup"] == pytest.approx(1.0)
+    assert "fastmlp (numpy reference)" in md and "17.95 min" in md
+    assert data["seed002"]["micro_averaged_accuracy"] == pytest.approx(
+        0.8 + 0.2 * data["seed002"]["accuracy"], abs=1e-9)
+    keras = [r for r in data["rows"] if r["peer"] == "Keras (CPU)"][0]
+    assert keras["status"] == "ok" or keras["status"].startswith("not installed")
