@@ -25,17 +25,17 @@ import numpy as np
 from numba import njit, prange
 
 from .dense import (backprop_rows, bias_activate_rows, csr_matmul_rows, matmul_rows,
-                    output_delta_rows, weight_grad_rows)
+                    output_delta_rows, sparse_combine_row, weight_grad_rows)
 
 
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
+@njit(cache=True, error_model="numpy")
 def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, count, ptr, crow, cval,
                     touched):
     """First-layer weight gradient for a sparse input, touching only nonzero pixels.
 
     Builds the CSC of batch rows r0..r1-1 (which rows have a nonzero in column k),
-    then dW[k] = sum over those rows of x[r, k] D[r], four rows per pass with dW[k]
-    and D in L1, in ascending row order (deterministic). Rows k with no nonzero are
+    then dW[k] = sum over those rows of x[r, k] D[r] (sparse_combine_row, with dW[k]
+    and D in L1), in ascending row order (deterministic). Rows k with no nonzero are
     not written: touched[k] = False says so, and their gradient is exactly zero.
     db = column sums of D. Measured against scattering the batch dense and calling
     BLAS: 224 against 250 us (100 rows into 64 units), 423 against 742 us (64 rows
@@ -61,25 +61,9 @@ def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, count, ptr
             cval[count[k]] = values[p]
             count[k] += 1
     for k in range(n_in):
-        q = ptr[k]
-        q1 = ptr[k + 1]
-        touched[k] = q1 > q
-        if q1 == q:
-            continue
-        for j in range(n_out):
-            dW[k, j] = zero
-        while q + 4 <= q1:
-            ra, rb, rc, rd = crow[q], crow[q + 1], crow[q + 2], crow[q + 3]
-            xa, xb, xc, xd = cval[q], cval[q + 1], cval[q + 2], cval[q + 3]
-            for j in range(n_out):
-                dW[k, j] = dW[k, j] + xa * D[ra, j] + xb * D[rb, j] + xc * D[rc, j] + xd * D[rd, j]
-            q += 4
-        while q < q1:
-            ra = crow[q]
-            xa = cval[q]
-            for j in range(n_out):
-                dW[k, j] = dW[k, j] + xa * D[ra, j]
-            q += 1
+        touched[k] = ptr[k + 1] > ptr[k]
+        if touched[k]:
+            sparse_combine_row(dW, k, crow, cval, ptr[k], ptr[k + 1], D)
     for j in range(n_out):
         db[j] = zero
     for r in range(r0, r1):
