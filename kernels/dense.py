@@ -16,12 +16,6 @@ from .vmath import sigmoid, tanh
 LINEAR, SIGMOID, TANH, RELU, SOFTMAX = 0, 1, 2, 3, 4
 SQUARED_ERROR, CROSS_ENTROPY = 0, 1
 
-# Only for loops of multiplies and adds (never exp/log, never NaN checks): lets LLVM
-# reassociate the dot-product reductions into SIMD lanes. No "nnan"/"ninf", so NaN
-# still propagates to the loss, where divergence is detected.
-FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
-
-
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def sparse_combine_row(out, i, idx, val, q0, q1, M):
     """out[i] = sum over q in q0..q1-1 of val[q] * M[idx[q]]: a sparse row times M.
@@ -165,18 +159,25 @@ def backprop_rows(D, W, A_prev, act_prev, D_prev, r0, r1):
 def weight_grad_rows(A_prev, D, dW, db, r0, r1):
     """dW = A_prev[r0:r1]^T D[r0:r1] and db = column sums of D[r0:r1] (sums, not
     means), overwriting dW and db."""
-    zero = D.dtype.type(0)
-    n_out = D.shape[1]
     if r1 > r0:
         np.dot(A_prev[r0:r1].T, D[r0:r1], dW)
     else:
+        zero = D.dtype.type(0)
         for k in range(dW.shape[0]):
-            for j in range(n_out):
+            for j in range(dW.shape[1]):
                 dW[k, j] = zero
-    for j in range(n_out):
+    column_sums_rows(D, db, r0, r1)
+
+
+@njit(cache=True, error_model="numpy")
+def column_sums_rows(D, db, r0, r1):
+    """db = column sums of D[r0:r1] (the bias gradient, a sum, not a mean), in
+    ascending row order."""
+    zero = D.dtype.type(0)
+    for j in range(D.shape[1]):
         db[j] = zero
     for r in range(r0, r1):
-        for j in range(n_out):
+        for j in range(D.shape[1]):
             db[j] += D[r, j]
 
 
