@@ -100,7 +100,8 @@ class Engine:
         m, B = self.model, self.batch_size
         dt, sizes = m.dtype, m.layer_sizes
         n_in = sizes[0]
-        self.A0 = np.zeros((B, n_in), dtype=dt)
+        # The dense batch is gathered only for a dense input; a sparse one is read as CSR.
+        self.A0 = np.zeros((1 if self.sparse else B, n_in), dtype=dt)
         self.Yb = np.zeros((B, sizes[-1]), dtype=dt)
         self.As = tuple(np.zeros((B, n), dtype=dt) for n in sizes[1:])
         self.Ds = tuple(np.zeros((B, n), dtype=dt) for n in sizes[1:])

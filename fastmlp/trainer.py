@@ -232,12 +232,15 @@ class Trainer:
                 # resumed epoch sees the same order as the uninterrupted one.
                 self._rng.bit_generator.state = state.rng_state
                 order = self._rng.permutation(n) if self.shuffle else np.arange(n)
-                t0 = time.perf_counter()
                 b0 = state.next_batch
                 while b0 < n_batches:
                     b1 = min(n_batches, b0 + chunk)
+                    t0 = time.perf_counter()
                     snapshot = [p.copy() for p in self.model.weights + self.model.biases]
                     t, c, bad, done = engine.train_batches(order, bs, b0, b1, self.lr, interrupt.flag)
+                    # Training time only, kept in the state so that a checkpoint written
+                    # mid-epoch carries it and the resumed epoch reports all of it.
+                    state.seconds += time.perf_counter() - t0
                     state.total += t
                     state.correct += c
                     if bad >= 0:
@@ -247,7 +250,7 @@ class Trainer:
                     b0 = state.next_batch = done
                     if interrupt.interrupted:
                         self._interrupted(state, n, n_batches, checkpoint)
-                seconds = state.seconds + time.perf_counter() - t0
+                seconds = state.seconds
                 record = {"epoch": state.epoch + 1, "loss": state.total / n,
                           "accuracy": state.correct / n, "seconds": seconds,
                           "samples_per_second": n / seconds if seconds > 0 else float("inf")}

@@ -84,9 +84,13 @@ def test_sigint_stops_between_batches_and_resume_matches(backend, tmp_path):
     with np.load(ck) as z:
         state = json.loads(str(z["state"]))
     assert 0 < state["next_batch"] < 625 or state["epoch"] > 0
+    # The time spent in the interrupted epoch so far is saved with it...
+    assert state["seconds"] > 0 or state["next_batch"] == 0
     resumed = trainer(backend)
-    resumed.fit(X, y, epochs=3, checkpoint=ck, resume=True)
+    h = resumed.fit(X, y, epochs=3, checkpoint=ck, resume=True)
     assert digest(resumed.model) == digest(straight.model)
+    # ...and the resumed epoch reports at least that much.
+    assert h.epochs[state["epoch"]]["seconds"] >= state["seconds"]
 
 
 def test_cli_ctrl_c_saves_and_resume_finishes(mnist_dir, tmp_path):
