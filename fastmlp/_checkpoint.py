@@ -14,7 +14,7 @@ def _config(trainer, n_samples):
     m = trainer.model
     return {"layer_sizes": m.layer_sizes, "activations": m.activations, "dtype": m.dtype.name,
             "loss": trainer.loss, "lr": trainer.lr, "batch_size": trainer.batch_size,
-            "shuffle": trainer.shuffle, "n_samples": n_samples}
+            "shuffle": trainer.shuffle, "n_samples": n_samples, **trainer.optimizer.config()}
 
 
 def save(path, trainer, n_samples, state):
@@ -26,6 +26,7 @@ def save(path, trainer, n_samples, state):
               "state": np.array(json.dumps(meta))}
     for i, (W, b) in enumerate(zip(trainer.model.weights, trainer.model.biases)):
         arrays[f"W{i}"], arrays[f"b{i}"] = W, b
+    arrays.update(trainer.optimizer.state_arrays())
     with atomic_write(path) as f:
         np.savez(f, **arrays)
 
@@ -51,9 +52,10 @@ def load(path, trainer, n_samples):
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path}: checkpoint state is missing or malformed: {e}") from None
     want = _config(trainer, n_samples)
-    if meta.get("config") != want:
-        diff = {k: (meta.get("config", {}).get(k), v) for k, v in want.items()
-                if meta.get("config", {}).get(k) != v}
+    # Checkpoints written before optimisers existed were plain SGD.
+    saved = {"optimizer": "sgd", "alpha": 0.0, **meta.get("config", {})}
+    if saved != want:
+        diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
         raise ValueError(f"{path}: checkpoint is from a different run; (saved, now) differ in "
                          f"{diff}")
     m = trainer.model
@@ -64,6 +66,8 @@ def load(path, trainer, n_samples):
                              f"wrong shape")
         m.weights[i][...] = W
         m.biases[i][...] = b
+    if trainer.optimizer.code != 0 or "opt_step" in data:
+        trainer.optimizer.load_state_arrays(data, m.weights, m.biases, path)
     history = History()
     for record in meta["history"]:
         history.append(record)

@@ -57,8 +57,10 @@ class Engine:
     """Trains a model with the compiled epoch; workspaces are allocated once per
     (model, batch size, thread count) and reused across chunks and epochs."""
 
-    def __init__(self, model, loss, batch_size, threads):
+    def __init__(self, model, loss, batch_size, threads, optimizer=None):
+        from .optimizers import Optimizer
         self.model, self.loss, self.batch_size, self.threads = model, loss, batch_size, threads
+        self.optimizer = optimizer if optimizer is not None else Optimizer("sgd")
         self._ws_key = None
 
     @contextlib.contextmanager
@@ -115,10 +117,22 @@ class Engine:
         self.cval = np.zeros((T, nnz), dtype=dt)
         self.touched = np.zeros((T, n_in), dtype=np.bool_)
         self.loss_parts = np.zeros(T, dtype=np.float64)
+        self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)
         self.tiny, self.top = _clip_bounds(dt)
         self.codes = _codes(m)
         self.loss_code = losses.CODES[self.loss]
+
+    def _optimizer_args(self):
+        m, opt = self.model, self.optimizer
+        s = opt.ensure_state(m.weights, m.biases)
+        hyper = np.array([opt.momentum, opt.beta_1, opt.beta_2, opt.epsilon, opt.alpha])
+        # Plain SGD reads no moments; any arrays of the right types will do.
+        Ms = tuple(s.get("mW", m.weights))
+        mbs = tuple(s.get("mb", m.biases))
+        Vs = tuple(s.get("vW", Ms))
+        vbs = tuple(s.get("vb", mbs))
+        return opt.code, hyper, s["step"], Ms, Vs, mbs, vbs
 
     def train_batches(self, order, bs, b0, b1, lr, stop=None):
         m = self.model
@@ -129,7 +143,7 @@ class Engine:
             self.indptr, self.indices, self.values, self.Y, np.ascontiguousarray(order, dtype=np.int64),
             bs, b0, b1, float(lr), self.A0, self.Yb, self.As, self.Ds, self.dWs, self.dbs,
             self.count, self.ptr, self.crow, self.cval, self.touched, self.tiny, self.top,
-            self.loss_parts, self.correct_parts, stop)
+            self.loss_parts, self.correct_parts, stop, *self._optimizer_args(), self.sq_parts)
         return float(total), int(correct), int(bad), int(done)
 
 
@@ -146,12 +160,19 @@ def forward(model, X):
 
 def gradients(model, X, Y, loss):
     """Mean-over-batch [(dW, db), ...] through dense_forward / dense_backward."""
+    return loss_and_gradients(model, X, Y, loss)[1]
+
+
+def loss_and_gradients(model, X, Y, loss):
+    """(summed per-sample loss, mean-over-batch [(dW, db), ...]) from one forward and
+    one backward pass."""
     codes = _codes(model)
     As = forward(model, X)
     L = len(model.weights)
     tiny, top = _clip_bounds(model.dtype)
     dA = np.empty_like(As[-1])
-    dense.output_delta_rows(losses.CODES[loss], codes[-1], As[-1], Y, dA, tiny, top, 0, len(X))
+    total, _ = dense.output_delta_rows(losses.CODES[loss], codes[-1], As[-1], Y, dA, tiny, top,
+                                       0, len(X))
     grads = [None] * L
     for l in range(L - 1, -1, -1):
         W = np.ascontiguousarray(model.weights[l])
@@ -162,4 +183,4 @@ def gradients(model, X, Y, loss):
         dense.dense_backward(dA, As[l + 1], act, As[l], W, dW, db, dA_prev, l > 0)
         grads[l] = (dW, db)
         dA = dA_prev
-    return grads
+    return float(total), grads

@@ -81,7 +81,8 @@ class MLP:
         if X.shape[1] != self.n_inputs:
             raise ValueError(f"{argument}: expected {self.n_inputs} features per sample "
                              f"(the model's input size), got {X.shape[1]}")
-        converted = np.ascontiguousarray(X, dtype=self.dtype)
+        with np.errstate(over="ignore"):      # an overflow is reported just below
+            converted = np.ascontiguousarray(X, dtype=self.dtype)
         if not np.isfinite(converted).all():
             if X.dtype.kind == "f" and np.isfinite(X).all():
                 raise ValueError(f"{argument}: values up to {np.abs(X).max():.3g} do not fit in "

@@ -49,9 +49,12 @@ def n_correct(out, Y):
     return int(np.count_nonzero(out.argmax(axis=1) == Y.argmax(axis=1)))
 
 
-def train_batches(weights, biases, acts, loss, X, Y, lr, order, batch_size, b0, b1, stop=None):
-    """SGD steps for batches b0..b1-1 of the epoch; batch b is rows
+def train_batches(weights, biases, acts, loss, X, Y, lr, order, batch_size, b0, b1, stop=None,
+                  optimizer=None):
+    """Steps for batches b0..b1-1 of the epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] of X, so the last one may be partial.
+    Plain SGD, or the given fastmlp.optimizers.Optimizer (whose L2 term, if any,
+    is added to the loss as scikit-learn reports it).
 
     Returns (summed per-sample loss, number correct, bad, done): loss and accuracy
     come from each batch's forward pass before its update. bad is the first batch
@@ -69,7 +72,12 @@ def train_batches(weights, biases, acts, loss, X, Y, lr, order, batch_size, b0, 
         t = float(losses.per_sample(loss, acts[-1], As[-1], Yb).sum())
         if not np.isfinite(t):
             return total, correct, b, b
-        sgd_step(weights, biases, backward(weights, acts, As, Yb, loss), lr)
+        grads = backward(weights, acts, As, Yb, loss)
+        if optimizer is None:
+            sgd_step(weights, biases, grads, lr)
+        else:
+            t += optimizer.penalty(weights)
+            optimizer.step(weights, biases, grads, lr, len(idx))
         total += t
         correct += n_correct(As[-1], Yb)
     return total, correct, -1, b1

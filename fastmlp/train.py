@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from . import __version__, activations, data, losses, metrics
+from . import __version__, activations, data, losses, metrics, optimizers
 from ._io import atomic_write
 from .model import MLP
 from .trainer import BACKENDS, DEFAULT_BACKEND, Trainer, TrainingDiverged, TrainingInterrupted
@@ -56,6 +56,29 @@ def _positive(kind):
     return parse
 
 
+def _fraction(closed=False):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (0 <= v <= 1 if closed else 0 <= v < 1):
+            raise argparse.ArgumentTypeError(
+                f"expected a number in [0, 1{']' if closed else ')'}, got {text!r}")
+        return v
+    return parse
+
+
+def _non_negative(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and np.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m fastmlp.train",
@@ -75,6 +98,21 @@ def build_parser():
     p.add_argument("--epochs", type=_positive(int), help="passes over the training set")
     p.add_argument("--batch-size", type=_positive(int), help="samples per gradient step")
     p.add_argument("--lr", type=_positive(float), help="learning rate (gradients are batch means)")
+    p.add_argument("--optimizer", choices=optimizers.NAMES, default="sgd",
+                   help="sgd (plain gradient descent, the seeds' method; default), momentum or "
+                        "adam (scikit-learn's update rules; Adam wants a small --lr, e.g. 0.001)")
+    p.add_argument("--momentum", type=_fraction(closed=True), default=0.9,
+                   help="momentum coefficient for --optimizer momentum (default 0.9)")
+    p.add_argument("--nesterov", action="store_true",
+                   help="Nesterov's momentum instead of heavy-ball (--optimizer momentum)")
+    p.add_argument("--beta1", type=_fraction(), default=0.9,
+                   help="Adam's first-moment decay (default 0.9)")
+    p.add_argument("--beta2", type=_fraction(), default=0.999,
+                   help="Adam's second-moment decay (default 0.999)")
+    p.add_argument("--epsilon", type=_positive(float), default=1e-8,
+                   help="Adam's epsilon (default 1e-8)")
+    p.add_argument("--alpha", type=_non_negative, default=0.0,
+                   help="L2 penalty on the weights, scikit-learn's alpha (default 0)")
     p.add_argument("--seed", type=int, default=0, help="seed for initial weights and shuffling (default 0)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="floating-point type of parameters and data (default float32)")
@@ -106,7 +144,12 @@ def resolve(args):
             cfg[key] = value
     acts = cfg["activations"]
     cfg["activations"] = acts[0] if len(acts) == 1 else acts
-    cfg.update(seed=args.seed, dtype=args.dtype, backend=args.backend, threads=args.threads)
+    cfg.update(seed=args.seed, dtype=args.dtype, backend=args.backend, threads=args.threads,
+               optimizer=args.optimizer, alpha=args.alpha)
+    if args.optimizer == "momentum":
+        cfg.update(momentum=args.momentum, nesterov=args.nesterov)
+    if args.optimizer == "adam":
+        cfg.update(beta_1=args.beta1, beta_2=args.beta2, epsilon=args.epsilon)
     return cfg
 
 
@@ -128,12 +171,14 @@ def run(args, out=sys.stdout):
         raise ValueError(f"--layers: MNIST needs {X.shape[1]} inputs and 10 outputs, got "
                          f"{','.join(map(str, sizes))}")
     model = MLP(sizes, cfg["activations"], dtype=cfg["dtype"], seed=cfg["seed"])
+    opt_keys = ("optimizer", "momentum", "nesterov", "beta_1", "beta_2", "epsilon", "alpha")
     trainer = Trainer(model, loss=cfg["loss"], lr=cfg["lr"], batch_size=cfg["batch_size"],
-                      seed=cfg["seed"], backend=cfg["backend"], threads=cfg["threads"])
+                      seed=cfg["seed"], backend=cfg["backend"], threads=cfg["threads"],
+                      **{k: cfg[k] for k in opt_keys if k in cfg})
     say = (lambda *a: None) if args.quiet else (lambda text: print(text, file=out, flush=True))
     say(f"fastmlp {__version__}: {'-'.join(map(str, sizes))} "
         f"{'/'.join(model.activations)}, {cfg['loss']}, batch {cfg['batch_size']}, lr {cfg['lr']:g}, "
-        f"{cfg['epochs']} epochs, {cfg['dtype']}, backend {cfg['backend']}")
+        f"{cfg['epochs']} epochs, {cfg['optimizer']}, {cfg['dtype']}, backend {cfg['backend']}")
 
     bar = None
     if not args.quiet:

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from . import _checkpoint, losses, metrics, reference
+from . import _checkpoint, losses, metrics, optimizers, reference
 from ._interrupt import StopOnInterrupt
 from .model import MLP
 
@@ -146,15 +146,25 @@ class Trainer:
     """Train `model` by mini-batch gradient descent.
 
     Trainer(model, loss="squared_error", lr=1.0, batch_size=32, shuffle=True,
-            seed=None, backend=DEFAULT_BACKEND, threads=None)
+            seed=None, backend=DEFAULT_BACKEND, threads=None, optimizer="sgd",
+            momentum=0.9, nesterov=False, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+            alpha=0.0)
 
     Gradients are means over the batch; the last partial batch is trained. With a
     seed, shuffling (numpy.random.default_rng(seed)) and so the whole run are
     reproducible bit for bit.
+
+    optimizer: "sgd" (plain gradient descent, the default: the seeds' method),
+    "momentum" (heavy ball, or Nesterov's with nesterov=True) or "adam"; alpha is
+    an L2 penalty on the weights, alpha / (2B) * sum W^2 added to each batch's mean
+    loss as scikit-learn defines it. See fastmlp.optimizers for the update rules.
+    A fastmlp.optimizers.Optimizer may be passed instead of a name.
     """
 
     def __init__(self, model, loss="squared_error", lr=1.0, batch_size=32, shuffle=True,
-                 seed=None, backend=DEFAULT_BACKEND, threads=None):
+                 seed=None, backend=DEFAULT_BACKEND, threads=None, optimizer="sgd",
+                 momentum=0.9, nesterov=False, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                 alpha=0.0):
         if not isinstance(model, MLP):
             raise TypeError(f"model: expected a fastmlp.MLP, got {type(model).__name__}")
         self.model = model
@@ -172,6 +182,12 @@ class Trainer:
                                     or threads < 1):
             raise ValueError(f"threads: expected None or an integer >= 1, got {threads!r}")
         self.threads = threads
+        if isinstance(optimizer, optimizers.Optimizer):
+            self.optimizer = optimizer
+        else:
+            self.optimizer = optimizers.Optimizer(optimizer, momentum=momentum, nesterov=nesterov,
+                                                  beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                                                  alpha=alpha)
         self._rng = np.random.default_rng(seed)
         self._engine = None
 
@@ -179,9 +195,10 @@ class Trainer:
         if self._engine is None:
             if self.backend == "numba":
                 from . import _numba_backend
-                self._engine = _numba_backend.Engine(self.model, self.loss, self.batch_size, self.threads)
+                self._engine = _numba_backend.Engine(self.model, self.loss, self.batch_size,
+                                                     self.threads, self.optimizer)
             else:
-                self._engine = _NumpyEngine(self.model, self.loss, self.threads)
+                self._engine = _NumpyEngine(self.model, self.loss, self.threads, self.optimizer)
         return self._engine
 
     def fit(self, X, Y, epochs=1, validation_data=None, on_progress=None, on_epoch_end=None,
@@ -310,8 +327,8 @@ class Trainer:
 class _NumpyEngine:
     """The reference backend: plain vectorised NumPy, one Python step per batch."""
 
-    def __init__(self, model, loss, threads):
-        self.model, self.loss, self.threads = model, loss, threads
+    def __init__(self, model, loss, threads, optimizer=None):
+        self.model, self.loss, self.threads, self.optimizer = model, loss, threads, optimizer
 
     def threads_context(self):
         # BLAS threads, for a fair comparison at a given thread count; restored after.
@@ -325,5 +342,8 @@ class _NumpyEngine:
 
     def train_batches(self, order, bs, b0, b1, lr, stop=None):
         m = self.model
+        opt = self.optimizer
+        if opt is not None and opt.code == optimizers.SGD and not opt.alpha:
+            opt = None  # plain SGD: the seeds' update, W -= lr dW
         return reference.train_batches(m.weights, m.biases, m.activations, self.loss,
-                                       self.X, self.Y, lr, order, bs, b0, b1, stop)
+                                       self.X, self.Y, lr, order, bs, b0, b1, stop, opt)

@@ -104,17 +104,58 @@ def chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr, ind
     return total, correct
 
 
+SGD, MOMENTUM, NESTEROV, ADAM = 0, 1, 2, 3  # fastmlp.optimizers' codes
+
+
 @njit(cache=True, error_model="numpy")
-def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, lr_b):
+def optimizer_row(p, g, m, v, opt, inv_n, decay, lr, mu, b1, b2, c1, c2, eps):
+    """Update one row of parameters p in place from g, its gradient summed over the
+    batch; the step is fastmlp.optimizers.Optimizer.step for that row: the mean
+    gradient plus the L2 term is g * inv_n + decay * p, m and v are the row's
+    moments (velocity for momentum), c1 = 1 - b1 and c2 = 1 - b2."""
+    n = p.shape[0]
+    if opt == SGD:
+        for j in range(n):
+            p[j] -= lr * (g[j] * inv_n + decay * p[j])
+    elif opt == MOMENTUM:
+        for j in range(n):
+            grad = g[j] * inv_n + decay * p[j]
+            m[j] = mu * m[j] - lr * grad
+            p[j] += m[j]
+    elif opt == NESTEROV:
+        for j in range(n):
+            grad = g[j] * inv_n + decay * p[j]
+            m[j] = mu * m[j] - lr * grad
+            p[j] += mu * m[j] - lr * grad
+    else:
+        for j in range(n):
+            grad = g[j] * inv_n + decay * p[j]
+            m[j] = b1 * m[j] + c1 * grad
+            v[j] = b2 * v[j] + c2 * (grad * grad)
+            p[j] -= lr * m[j] / (np.sqrt(v[j]) + eps)
+
+
+@njit(cache=True, error_model="numpy")
+def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, decay, lr, mu,
+                 b1, b2, c1, c2, eps, Ms, Vs, mbs, vbs):
     """Apply the summed partial gradients to chunk t's share of all weight rows
-    (every layer's W rows, then its bias as one more row)."""
+    (every layer's W rows, then its bias as one more row). Returns the share's sum
+    of squared weights before the update when decay > 0 (the L2 term of the loss).
+
+    Plain SGD without L2 takes the short path W -= (lr / B) * sum, and with a
+    sparse input skips rows of W_1 no chunk touched (their gradient is zero);
+    every other optimiser updates every row (velocities decay, L2 shrinks)."""
     L = len(Ws)
+    plain = opt == SGD and decay == 0
+    zero = decay - decay  # biases have no L2 term; a literal 0 would be int64
+    lr_b = lr * inv_n
     total_rows = 0
     for l in range(L):
         total_rows += Ws[l].shape[0] + 1
     lo = t * total_rows // n_chunks
     hi = (t + 1) * total_rows // n_chunks
     base = 0
+    sq = 0.0
     for l in range(L):
         W = Ws[l]
         dW = dWs[l]
@@ -123,6 +164,9 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, lr_b):
         k1 = min(hi, base + n_in + 1) - base
         for k in range(k0, k1):
             if k < n_in:
+                if decay > 0:
+                    for j in range(n_out):
+                        sq += W[k, j] * W[k, j]
                 if l == 0 and sparse:
                     # Only chunks that touched row k wrote it; the rest are zero.
                     first = -1
@@ -133,24 +177,50 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, lr_b):
                             else:
                                 for j in range(n_out):
                                     dW[first, k, j] += dW[c, k, j]
-                    if first >= 0:
+                    if plain:
+                        if first >= 0:
+                            for j in range(n_out):
+                                W[k, j] -= lr_b * dW[first, k, j]
+                        continue
+                    if first < 0:
+                        first = 0
                         for j in range(n_out):
-                            W[k, j] -= lr_b * dW[first, k, j]
-                    continue
-                for c in range(1, n_chunks):
-                    for j in range(n_out):
-                        dW[0, k, j] += dW[c, k, j]
-                for j in range(n_out):
-                    W[k, j] -= lr_b * dW[0, k, j]
+                            dW[0, k, j] = 0
+                    g = dW[first, k]
+                else:
+                    for c in range(1, n_chunks):
+                        for j in range(n_out):
+                            dW[0, k, j] += dW[c, k, j]
+                    if plain:
+                        for j in range(n_out):
+                            W[k, j] -= lr_b * dW[0, k, j]
+                        continue
+                    g = dW[0, k]
+                if opt == SGD:
+                    optimizer_row(W[k], g, g, g, opt, inv_n, decay, lr, mu, b1, b2, c1, c2, eps)
+                elif opt == ADAM:
+                    optimizer_row(W[k], g, Ms[l][k], Vs[l][k], opt, inv_n, decay, lr, mu, b1, b2,
+                                  c1, c2, eps)
+                else:
+                    optimizer_row(W[k], g, Ms[l][k], g, opt, inv_n, decay, lr, mu, b1, b2, c1, c2,
+                                  eps)
             else:
                 db = dbs[l]
                 b = bs[l]
                 for c in range(1, n_chunks):
                     for j in range(n_out):
                         db[0, j] += db[c, j]
-                for j in range(n_out):
-                    b[j] -= lr_b * db[0, j]
+                if plain:
+                    for j in range(n_out):
+                        b[j] -= lr_b * db[0, j]
+                elif opt == ADAM:
+                    optimizer_row(b, db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1, b2,
+                                  c1, c2, eps)
+                else:
+                    optimizer_row(b, db[0], mbs[l], mbs[l], opt, inv_n, zero, lr, mu, b1,
+                                  b2, c1, c2, eps)
         base += n_in + 1
+    return sq
 
 
 @njit(cache=True, error_model="numpy", nogil=True,
@@ -158,9 +228,15 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, lr_b):
                 "stencil": False, "fusion": False, "comprehension": False, "inplace_binop": False})
 def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order, batch_size,
                 b0, b1, lr, A0, Yb, As, Ds, dWs, dbs, count, ptr, crow, cval, touched, tiny, top,
-                loss_parts, correct_parts, interrupt):
-    """SGD over batches b0..b1-1 of an epoch; batch b is rows
+                loss_parts, correct_parts, interrupt, opt, hyper, step, Ms, Vs, mbs, vbs, sq_parts):
+    """Train batches b0..b1-1 of an epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] (the last may be partial).
+
+    opt is the optimiser's code; hyper holds (momentum, beta_1, beta_2, epsilon,
+    alpha) as float64; step[0] counts Adam's steps across calls; Ms/Vs and mbs/vbs
+    are the first and second moments of the weights and biases (ignored by plain
+    SGD; pass any arrays of the right types). The summed loss includes the L2 term
+    alpha/2 * sum W^2 per batch, as scikit-learn reports it.
 
     Returns (summed loss, number correct, bad, done): loss and accuracy from each
     batch's forward pass before its update; bad is the first batch whose loss is NaN
@@ -196,7 +272,20 @@ def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order
             return total, correct, b, b
         total += batch_loss
         correct += batch_correct
-        lr_b = Ws[0].dtype.type(lr / nb)
+        # Scalars in the parameters' dtype: a float64 one would promote float32 math.
+        dt = Ws[0].dtype.type
+        lr_t = lr
+        if opt == ADAM:
+            step[0] += 1
+            lr_t = lr * np.sqrt(1.0 - hyper[2] ** step[0]) / (1.0 - hyper[1] ** step[0])
         for t in prange(n_chunks):
-            update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, lr_b)
+            sq_parts[t] = update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt,
+                                       dt(1.0 / nb), dt(hyper[4] / nb), dt(lr_t), dt(hyper[0]),
+                                       dt(hyper[1]), dt(hyper[2]), dt(1.0 - hyper[1]),
+                                       dt(1.0 - hyper[2]), dt(hyper[3]), Ms, Vs, mbs, vbs)
+        if hyper[4] > 0:
+            sq = 0.0
+            for t in range(n_chunks):
+                sq += sq_parts[t]
+            total += 0.5 * hyper[4] * sq
     return total, correct, -1, b1

@@ -1,0 +1,168 @@
+"""Momentum, Nesterov, Adam and L2: the NumPy rules against scikit-learn's optimiser
+classes and against hand-derived properties, and the fused kernel inside the
+compiled epoch against the NumPy rules."""
+import hashlib
+
+import numba
+import numpy as np
+import pytest
+
+import fastmlp
+from fastmlp.optimizers import Optimizer
+
+THREADS = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+CASES = [("sgd", {}), ("sgd", {"alpha": 0.3}), ("momentum", {}),
+         ("momentum", {"momentum": 0.5, "alpha": 0.1}), ("momentum", {"nesterov": True}),
+         ("momentum", {"nesterov": True, "alpha": 0.2}), ("adam", {}),
+         ("adam", {"beta_1": 0.5, "beta_2": 0.9, "epsilon": 1e-4, "alpha": 0.2})]
+
+
+def params(rng, sizes, dtype):
+    Ws = [rng.normal(size=(a, b)).astype(dtype) for a, b in zip(sizes[:-1], sizes[1:])]
+    bs = [rng.normal(size=b).astype(dtype) for b in sizes[1:]]
+    return Ws, bs
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+@pytest.mark.parametrize("name,kw", [c for c in CASES if c[0] != "sgd" and "alpha" not in c[1]])
+def test_updates_equal_scikit_learn_optimizers(name, kw, dtype, rtol):
+    """Five steps of Optimizer.step against sklearn's SGDOptimizer / AdamOptimizer
+    fed the same gradients (sklearn's optimisers see grads that already include L2,
+    so only alpha=0 is compared here; L2 is checked through the estimator)."""
+    opt_mod = pytest.importorskip("sklearn.neural_network._stochastic_optimizers")
+    rng = np.random.default_rng(3)
+    Ws, bs = params(rng, [7, 5, 3], dtype)
+    sk_params = [p.copy() for p in Ws + bs]
+    ours = Optimizer(name, **kw)
+    lr = 0.01
+    if name == "adam":
+        sk = opt_mod.AdamOptimizer(sk_params, lr, kw.get("beta_1", 0.9), kw.get("beta_2", 0.999),
+                                   kw.get("epsilon", 1e-8))
+    else:
+        sk = opt_mod.SGDOptimizer(sk_params, lr, "constant", kw.get("momentum", 0.9),
+                                  kw.get("nesterov", False))
+    for _ in range(5):
+        grads = [(rng.normal(size=W.shape).astype(dtype), rng.normal(size=b.shape).astype(dtype))
+                 for W, b in zip(Ws, bs)]
+        ours.step(Ws, bs, grads, lr, batch_size=10)
+        sk.update_params(sk_params, [g for g, _ in grads] + [g for _, g in grads])
+    for got, want in zip(Ws + bs, sk_params):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
+
+
+def test_adam_first_step_moves_every_parameter_by_lr():
+    """At t=1 the bias-corrected m / sqrt(v) is g / |g|: each parameter moves by
+    exactly lr against its gradient's sign (epsilon aside)."""
+    rng = np.random.default_rng(0)
+    Ws, bs = params(rng, [4, 3], np.float64)
+    before = [p.copy() for p in Ws + bs]
+    grads = [(rng.normal(size=Ws[0].shape), rng.normal(size=bs[0].shape))]
+    Optimizer("adam", epsilon=1e-300).step(Ws, bs, grads, 0.01, batch_size=1)
+    for p, p0, g in zip(Ws + bs, before, grads[0]):
+        np.testing.assert_allclose(p - p0, -0.01 * np.sign(g), rtol=1e-12)
+
+
+def test_momentum_with_a_constant_gradient_is_a_geometric_series():
+    """v_k = -lr g (1 + mu + ... + mu^(k-1)), so after n steps the parameter has moved
+    by -lr g sum_k (1 - mu^k) / (1 - mu); Nesterov adds one more mu v_k - lr g."""
+    mu, lr, n = 0.5, 0.1, 6
+    for nesterov in (False, True):
+        W, b = [np.zeros((1, 1))], [np.zeros(1)]
+        opt = Optimizer("momentum", momentum=mu, nesterov=nesterov)
+        for _ in range(n):
+            opt.step(W, b, [(np.ones((1, 1)), np.ones(1))], lr, batch_size=1)
+        v = [-lr * (1 - mu ** k) / (1 - mu) for k in range(1, n + 1)]
+        moved = sum(mu * vk - lr for vk in v) if nesterov else sum(v)
+        np.testing.assert_allclose(W[0][0, 0], moved, rtol=1e-14)
+        np.testing.assert_allclose(b[0][0], moved, rtol=1e-14)
+
+
+def test_l2_adds_alpha_over_batch_times_weights_to_weights_only():
+    W, b = [np.full((2, 2), 3.0)], [np.full(2, 3.0)]
+    Optimizer("sgd", alpha=0.5).step(W, b, [(np.zeros((2, 2)), np.zeros(2))], 0.1, batch_size=5)
+    np.testing.assert_allclose(W[0], 3.0 - 0.1 * 0.5 / 5 * 3.0)
+    np.testing.assert_array_equal(b[0], 3.0)       # biases are not penalised
+    assert Optimizer("sgd", alpha=0.5).penalty([np.full((2, 2), 3.0)]) == pytest.approx(0.25 * 9 * 4)
+
+
+def data(rng, n, n_in, sparse):
+    X = rng.normal(size=(n, n_in))
+    X[X < 0.6] = 0
+    return (X if sparse else X + 1.0), rng.integers(0, 3, n)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-input", "dense-input"])
+@pytest.mark.parametrize("name,kw", CASES)
+def test_compiled_epochs_equal_reference_float64(name, kw, sparse, threads):
+    """Three epochs of the compiled loop (fused optimiser update, the sparse first
+    layer's touched rows, L2 in the loss) against fastmlp.reference with the same
+    shuffles, partial last batch included."""
+    rng = np.random.default_rng(7)
+    X, y = data(rng, 103, 17, sparse)
+    runs = []
+    for backend in ("numpy", "numba"):
+        m = fastmlp.MLP([17, 6, 5, 3], ["tanh", "relu", "softmax"], dtype="float64", seed=1)
+        t = fastmlp.Trainer(m, "cross_entropy", lr=0.05, batch_size=10, seed=2, backend=backend,
+                            threads=threads, optimizer=name, **kw)
+        runs.append((m, t.fit(X, y, epochs=3)))
+    (ref, h_ref), (got, h_got) = runs
+    for a, b in zip(ref.weights + ref.biases, got.weights + got.biases):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(h_got["loss"], h_ref["loss"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("name,kw", [c for c in CASES if c[1]])
+def test_compiled_float32_close_to_reference_and_deterministic(name, kw):
+    rng = np.random.default_rng(8)
+    X, y = data(rng, 300, 40, True)
+    out = []
+    for backend in ("numpy", "numba", "numba"):
+        m = fastmlp.MLP([40, 16, 3], ["sigmoid", "softmax"], seed=4)
+        fastmlp.Trainer(m, "cross_entropy", lr=0.02, batch_size=16, seed=5, backend=backend,
+                        threads=THREADS[-1], optimizer=name, **kw).fit(X.astype(np.float32), y, epochs=2)
+        assert m.weights[0].dtype == np.float32
+        out.append(m)
+    ref, a, b = out
+    for p, q, r in zip(ref.weights + ref.biases, a.weights + a.biases, b.weights + b.biases):
+        np.testing.assert_allclose(q, p, rtol=1e-4, atol=1e-5)
+        assert q.tobytes() == r.tobytes()
+
+
+def test_optimizer_state_survives_checkpoint_resume(tmp_path):
+    """Adam's moments and step count are part of the checkpoint: resuming gives the
+    bytes of an uninterrupted run."""
+    rng = np.random.default_rng(1)
+    X, y = data(rng, 200, 20, True)
+
+    def trainer():
+        return fastmlp.Trainer(fastmlp.MLP([20, 8, 3], ["relu", "softmax"], seed=1), "cross_entropy",
+                               lr=0.01, batch_size=16, seed=0, optimizer="adam", alpha=0.01)
+
+    def digest(t):
+        return hashlib.sha256(b"".join(p.tobytes() for p in t.model.weights + t.model.biases)).digest()
+    straight = trainer()
+    straight.fit(X, y, epochs=3)
+    ck = tmp_path / "ck.npz"
+    trainer().fit(X, y, epochs=1, checkpoint=ck)
+    resumed = trainer()
+    resumed.fit(X, y, epochs=3, checkpoint=ck, resume=True)
+    assert digest(resumed) == digest(straight)
+    assert int(resumed.optimizer.state["step"][0]) == 3 * 13
+    other = fastmlp.Trainer(fastmlp.MLP([20, 8, 3], ["relu", "softmax"], seed=1), "cross_entropy",
+                            lr=0.01, batch_size=16, seed=0, optimizer="momentum")
+    with pytest.raises(ValueError, match="different run.*optimizer"):
+        other.fit(X, y, epochs=3, checkpoint=ck, resume=True)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"optimizer": "rmsprop"}, "optimizer: unknown optimizer 'rmsprop'"),
+    ({"optimizer": "momentum", "momentum": 1.5}, r"momentum: expected a number in \[0, 1\]"),
+    ({"optimizer": "adam", "beta_2": -0.1}, r"beta_2: expected a number in \[0, 1\)"),
+    ({"optimizer": "adam", "epsilon": 0}, r"epsilon: expected a number in \(0, inf\)"),
+    ({"alpha": float("nan")}, r"alpha: expected a number in \[0, inf\)"),
+])
+def test_bad_optimizer_arguments_are_named(kw, message):
+    with pytest.raises(ValueError, match=message):
+        fastmlp.Trainer(fastmlp.MLP([3, 2], "sigmoid"), **kw)
