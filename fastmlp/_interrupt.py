@@ -68,6 +68,10 @@ class StopOnInterrupt:
         signal.signal(signal.SIGINT, self._old_handler)
         signal.set_wakeup_fd(self._old_fd)
         self._done.set()
+        try:
+            os.write(self._w, b"\0")   # wake the watcher now, not at its next timeout
+        except OSError:
+            pass
         self._thread.join()
         os.close(self._r)
         os.close(self._w)

@@ -9,7 +9,7 @@ Constants are made with `x.dtype.type(...)`: a bare 0.0 or 1.0 would promote
 float32 arithmetic to float64.
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .vmath import sigmoid, tanh
 
@@ -273,3 +273,30 @@ def sgd_update(W, b, dW, db, lr):
             W[k, j] -= lr * dW[k, j]
     for j in range(n_out):
         b[j] -= lr * db[j]
+
+
+_PRANGE_ONLY = {"prange": True, "numpy": False, "reduction": False, "setitem": False,
+                "stencil": False, "fusion": False, "comprehension": False, "inplace_binop": False}
+
+
+@njit(cache=True, error_model="numpy", parallel=_PRANGE_ONLY)
+def row_nonzeros(X, counts):
+    """counts[i] = number of nonzeros in row i of X (each thread owns its rows)."""
+    for i in prange(X.shape[0]):
+        c = 0
+        for k in range(X.shape[1]):
+            if X[i, k] != 0:
+                c += 1
+        counts[i] = c
+
+
+@njit(cache=True, error_model="numpy", parallel=_PRANGE_ONLY)
+def csr_fill(X, indptr, indices, values):
+    """Column indices and values of X's nonzeros, row by row, at indptr's offsets."""
+    for i in prange(X.shape[0]):
+        q = indptr[i]
+        for k in range(X.shape[1]):
+            if X[i, k] != 0:
+                indices[q] = k
+                values[q] = X[i, k]
+                q += 1

@@ -189,3 +189,20 @@ def test_weight_grad_csc(dtype):
         np.testing.assert_array_equal(touched, (Xb != 0).any(axis=0))
         np.testing.assert_allclose(dW[touched], (Xb.T @ D[r0:r1])[touched], **TOL[dtype])
         np.testing.assert_allclose(db, D[r0:r1].sum(axis=0), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_csr_equals_scipy(dtype):
+    import scipy.sparse
+    from fastmlp._numba_backend import to_csr
+    rng = np.random.default_rng(5)
+    for shape in [(1, 1), (7, 3), (100, 785), (3, 17)]:
+        X = rng.normal(size=shape).astype(dtype)
+        X[rng.random(shape) < 0.7] = 0
+        X[0] = 0                                   # an empty row
+        indptr, indices, values = to_csr(X)
+        ref = scipy.sparse.csr_matrix(X)
+        np.testing.assert_array_equal(indptr, ref.indptr)
+        np.testing.assert_array_equal(indices, ref.indices)
+        np.testing.assert_array_equal(values, ref.data)
+        assert values.dtype == dtype and indices.dtype == np.int32
