@@ -90,20 +90,18 @@ class Engine:
         if self.sparse:
             self.indptr, self.indices, self.values = to_csr(X)
             self.X = np.zeros((1, X.shape[1]), dtype=m.dtype)
-            max_row_nnz = int(np.diff(self.indptr).max())
         else:
             self.X = X
             self.indptr = np.zeros(1, dtype=np.int64)
             self.indices = np.zeros(0, dtype=np.int32)
             self.values = np.zeros(0, dtype=m.dtype)
-            max_row_nnz = 0
         T = numba.get_num_threads()
-        key = (T, tuple(m.layer_sizes), m.dtype, self.sparse, max_row_nnz)
+        key = (T, tuple(m.layer_sizes), m.dtype, self.sparse)
         if key != self._ws_key:
-            self._allocate(T, max_row_nnz)
+            self._allocate(T)
             self._ws_key = key
 
-    def _allocate(self, T, max_row_nnz):
+    def _allocate(self, T):
         m, B = self.model, self.batch_size
         dt, sizes = m.dtype, m.layer_sizes
         n_in = sizes[0]
@@ -114,12 +112,7 @@ class Engine:
         self.Ds = tuple(np.zeros((B, n), dtype=dt) for n in sizes[1:])
         self.dWs = tuple(np.zeros((T, a, b), dtype=dt) for a, b in zip(sizes[:-1], sizes[1:]))
         self.dbs = tuple(np.zeros((T, b), dtype=dt) for b in sizes[1:])
-        # Per-chunk CSC of the batch for the sparse first layer's weight gradient.
-        nnz = max(1, max_row_nnz * -(-B // T))
-        self.count = np.zeros((T, n_in), dtype=np.int64)
-        self.ptr = np.zeros((T, n_in + 1), dtype=np.int64)
-        self.crow = np.zeros((T, nnz), dtype=np.int64)
-        self.cval = np.zeros((T, nnz), dtype=dt)
+        # Which rows of W_1 each chunk's sparse weight gradient wrote.
         self.touched = np.zeros((T, n_in), dtype=np.bool_)
         self.loss_parts = np.zeros(T, dtype=np.float64)
         self.sq_parts = np.zeros(T, dtype=np.float64)
@@ -147,7 +140,7 @@ class Engine:
             tuple(m.weights), tuple(m.biases), self.codes, self.loss_code, self.X, self.sparse,
             self.indptr, self.indices, self.values, self.Y, np.ascontiguousarray(order, dtype=np.int64),
             bs, b0, b1, float(lr), self.A0, self.Yb, self.As, self.Ds, self.dWs, self.dbs,
-            self.count, self.ptr, self.crow, self.cval, self.touched, self.tiny, self.top,
+            self.touched, self.tiny, self.top,
             self.loss_parts, self.correct_parts, stop, *self._optimizer_args(), self.sq_parts)
         return float(total), int(correct), int(bad), int(done)
 

@@ -17,9 +17,10 @@ n_out), dbs[l] (n_chunks, n_out). Nothing is allocated inside the batch loop.
 Matrix products go through BLAS (np.dot into views of each chunk's rows; the
 caller limits BLAS to one thread, since the chunks already use every core). With a
 sparse input (MNIST is ~81% zeros) the first layer's forward product reads the data
-as CSR (indptr, indices, values), and its weight gradient builds a per-chunk CSC of
-the batch, so only nonzero pixels cost anything; rows of W_1 whose pixel is zero in
-the whole batch are not touched (their gradient is exactly zero).
+as CSR (indptr, indices, values), and its weight gradient scatters each nonzero
+pixel's contribution into its row of dW, so only nonzero pixels cost anything;
+rows of W_1 whose pixel is zero in the whole batch are not touched (their
+gradient is exactly zero).
 """
 import numpy as np
 from numba import njit, prange
@@ -28,48 +29,39 @@ from .dense import (backprop_rows, bias_activate_rows, column_sums_rows, csr_mat
                     matmul_rows, output_delta_rows, sparse_combine_row, weight_grad_rows)
 
 
-@njit(cache=True, error_model="numpy")
-def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, count, ptr, crow, cval,
-                    touched):
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def weight_grad_sparse(indptr, indices, values, rows, r0, r1, D, dW, db, touched):
     """First-layer weight gradient for a sparse input, touching only nonzero pixels.
 
-    Builds the CSC of batch rows r0..r1-1 (which rows have a nonzero in column k),
-    then dW[k] = sum over those rows of x[r, k] D[r] (sparse_combine_row, with dW[k]
-    and D in L1), in ascending row order (deterministic). Rows k with no nonzero are
-    not written: touched[k] = False says so, and their gradient is exactly zero.
-    db = column sums of D. Measured against scattering the batch dense and calling
-    BLAS: 224 against 250 us (100 rows into 64 units), 423 against 742 us (64 rows
-    into 512 units).
+    For each nonzero x = X[rows[r], k], in ascending r: dW[k] += x D[r] (the first
+    one writes instead of adding), so each dW[k] is summed in row order
+    (deterministic). Rows k with no nonzero are not written: touched[k] = False
+    says so, and their gradient is exactly zero. db = column sums of D.
+    Measured against building a per-batch CSC and combining rows (the same sums
+    in the same order, so the same bits): 0.100 against 0.146 s (h=32) and 0.172
+    against 0.211 s (h=100) per MNIST epoch at batch 200, one thread; equal at h=256.
     """
-    n_in = dW.shape[0]
+    n_in, n_out = dW.shape
     for k in range(n_in):
-        count[k] = 0
-    for r in range(r0, r1):
-        src = rows[r]
-        for p in range(indptr[src], indptr[src + 1]):
-            count[indices[p]] += 1
-    ptr[0] = 0
-    for k in range(n_in):
-        ptr[k + 1] = ptr[k] + count[k]
-        count[k] = ptr[k]
+        touched[k] = False
     for r in range(r0, r1):
         src = rows[r]
         for p in range(indptr[src], indptr[src + 1]):
             k = indices[p]
-            crow[count[k]] = r
-            cval[count[k]] = values[p]
-            count[k] += 1
-    for k in range(n_in):
-        touched[k] = ptr[k + 1] > ptr[k]
-        if touched[k]:
-            sparse_combine_row(dW, k, crow, cval, ptr[k], ptr[k + 1], D)
+            x = values[p]
+            if touched[k]:
+                for j in range(n_out):
+                    dW[k, j] = dW[k, j] + x * D[r, j]
+            else:
+                touched[k] = True
+                for j in range(n_out):
+                    dW[k, j] = x * D[r, j]
     column_sums_rows(D, db, r0, r1)
 
 
 @njit(cache=True, error_model="numpy")
 def chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr, indices, values,
-                           Y, rows, A0, Yb, As, Ds, dWs, dbs, count, ptr, crow, cval, touched,
-                           tiny, top):
+                           Y, rows, A0, Yb, As, Ds, dWs, dbs, touched, tiny, top):
     """Forward and backward for batch rows r0..r1-1 (chunk t); returns the chunk's
     summed loss and number correct."""
     L = len(Ws)
@@ -97,8 +89,8 @@ def chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr, ind
         backprop_rows(Ds[l], Ws[l], As[l - 1], acts[l - 1], Ds[l - 1], r0, r1)
         weight_grad_rows(As[l - 1], Ds[l], dWs[l][t], dbs[l][t], r0, r1)
     if sparse:
-        weight_grad_csc(indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t], dbs[0][t],
-                        count[t], ptr[t], crow[t], cval[t], touched[t])
+        weight_grad_sparse(indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t], dbs[0][t],
+                           touched[t])
     else:
         weight_grad_rows(A0, Ds[0], dWs[0][t], dbs[0][t], r0, r1)
     return total, correct
@@ -227,7 +219,7 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, dec
       parallel={"prange": True, "numpy": False, "reduction": False, "setitem": False,
                 "stencil": False, "fusion": False, "comprehension": False, "inplace_binop": False})
 def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order, batch_size,
-                b0, b1, lr, A0, Yb, As, Ds, dWs, dbs, count, ptr, crow, cval, touched, tiny, top,
+                b0, b1, lr, A0, Yb, As, Ds, dWs, dbs, touched, tiny, top,
                 loss_parts, correct_parts, interrupt, opt, hyper, step, Ms, Vs, mbs, vbs, sq_parts):
     """Train batches b0..b1-1 of an epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] (the last may be partial).
@@ -260,7 +252,7 @@ def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order
             r1 = (t + 1) * nb // n_chunks
             lt, ct = chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr,
                                             indices, values, Y, rows, A0, Yb, As, Ds, dWs, dbs,
-                                            count, ptr, crow, cval, touched, tiny, top)
+                                            touched, tiny, top)
             loss_parts[t] = lt
             correct_parts[t] = ct
         batch_loss = 0.0
