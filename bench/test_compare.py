@@ -9,7 +9,8 @@ from bench import compare
 def test_compare_writes_table_json_and_chart(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     compare.main(["--configs", "seed002", "--epochs", "2", "--threads", "1", "--out", str(tmp_path),
-                  "--peers", "fastmlp (numba),fastmlp (numpy reference),Keras (CPU)"])
+                  "--peers", "fastmlp (numba),fastmlp (numpy reference),Keras (CPU)",
+                  "--estimator-epochs", "1", "--rounds", "1"])
     md = next(tmp_path.glob("*.md")).read_text()
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert next(tmp_path.glob("*.png")).stat().st_size > 1000
@@ -21,3 +22,8 @@ def test_compare_writes_table_json_and_chart(tmp_path, capsys):
         0.8 + 0.2 * data["seed002"]["accuracy"], abs=1e-9)
     keras = [r for r in data["rows"] if r["peer"] == "Keras (CPU)"][0]
     assert keras["status"] == "ok" or keras["status"].startswith("not installed")
+    if data["estimators"] and data["estimators"][0]["status"] == "ok":
+        for e in data["estimators"]:
+            assert e["test_accuracy"]["fastmlp"] > 0.85 and e["n_iter"]["fastmlp"] == 1
+            assert abs(e["accuracy_gap_points"]) < 1.0      # same weights, same batches
+        assert "fastmlp.MLPClassifier against scikit-learn" in md
