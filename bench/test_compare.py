@@ -9,7 +9,7 @@ from bench import compare
 def test_compare_writes_table_json_and_chart(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     compare.main(["--configs", "seed002", "--epochs", "2", "--threads", "1", "--out", str(tmp_path),
-                  "--peers", "fastmlp (numba),fastmlp (numpy reference),Keras (CPU)",
+                  "--peers", "fastmlp (numba),fastmlp (numpy reference),scikit-learn,Keras (CPU)",
                   "--estimator-epochs", "1", "--rounds", "1"])
     md = next(tmp_path.glob("*.md")).read_text()
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
@@ -20,6 +20,8 @@ def test_compare_writes_table_json_and_chart(tmp_path, capsys):
     assert "fastmlp (numpy reference)" in md and "17.95 min" in md
     assert data["seed002"]["micro_averaged_accuracy"] == pytest.approx(
         0.8 + 0.2 * data["seed002"]["accuracy"], abs=1e-9)
+    if "scikit-learn" in ok:      # same initial weights, same epochs: close accuracy
+        assert abs(ok["scikit-learn"]["test_accuracy"] - ok["fastmlp (numba)"]["test_accuracy"]) < 0.01
     keras = [r for r in data["rows"] if r["peer"] == "Keras (CPU)"][0]
     assert keras["status"] == "ok" or keras["status"].startswith("not installed")
     if data["estimators"] and data["estimators"][0]["status"] == "ok":

@@ -17,7 +17,8 @@ def test_help_explains_every_flag():
     r = run("--help")
     assert r.returncode == 0
     for flag in ("--preset", "--layers", "--activations", "--loss", "--epochs", "--batch-size", "--lr",
-                 "--seed", "--dtype", "--backend", "--threads", "--data", "--save", "--report", "--quiet"):
+                 "--seed", "--dtype", "--backend", "--threads", "--data", "--save", "--report", "--quiet",
+                 "--optimizer", "--momentum", "--nesterov", "--beta1", "--beta2", "--epsilon", "--alpha"):
         assert flag in r.stdout
 
 
@@ -28,6 +29,10 @@ def test_help_explains_every_flag():
     (["--activations", "swish"], "unknown activation 'swish'"),
     (["--backend", "gpu"], "invalid choice: 'gpu'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--momentum", "1.5"], "--momentum: expected a number in [0, 1]"),
+    (["--beta2", "1"], "--beta2: expected a number in [0, 1)"),
+    (["--alpha", "-0.1"], "--alpha: expected a finite number >= 0"),
 ])
 def test_bad_flags_exit_2(args, message):
     r = run(*args)
@@ -83,3 +88,17 @@ def test_quiet_prints_only_summary(mnist_dir):
     lines = [l for l in r.stdout.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("test accuracy")
     assert r.stderr == ""
+
+
+def test_adam_and_nesterov_from_the_command_line(mnist_dir, tmp_path):
+    report = tmp_path / "r.json"
+    r = run("--preset", "seed002", "--epochs", "1", "--data", mnist_dir, "--quiet", "--optimizer",
+            "adam", "--lr", "0.003", "--alpha", "0.0001", "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(report.read_text())
+    assert rep["config"]["optimizer"] == "adam" and rep["config"]["beta_2"] == 0.999
+    assert rep["config"]["alpha"] == 0.0001 and rep["test"]["accuracy"] >= 0.93
+    r = run("--preset", "seed002", "--epochs", "1", "--data", mnist_dir, "--quiet", "--optimizer",
+            "momentum", "--nesterov", "--momentum", "0.9", "--lr", "0.01")
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split()[2]) >= 0.93       # "test accuracy 0.95..."
