@@ -12,8 +12,9 @@ MLPClassifier (same parameters and random_state, so the same initial weights and
 batches): with default parameters (Adam, 100 relu units, batch 200) and with plain
 SGD; --estimator-epochs 0 skips it.
 
-Every peer starts from the same initial weights (fastmlp's, seed 0), so accuracy
-differences come from training alone.
+Every peer starts from the same initial weights (fastmlp's, seed 0) and trains on the
+same batches in the same order (fastmlp's shuffles), so accuracy differences come
+from arithmetic alone (and, for scikit-learn on seed000, from its fixed output layer).
 
 scikit-learn's MLPClassifier always ends in softmax with log-loss; where a
 configuration asks for another output or loss (seed000: sigmoid + squared error),
@@ -56,6 +57,13 @@ def initial_weights(cfg):
     return [W.copy() for W in m.weights], [b.copy() for b in m.biases]
 
 
+def batch_orders(n, epochs):
+    """The sample order of each epoch, as fastmlp's Trainer(seed=0) draws it; every
+    peer trains on these, so all see the same batches in the same order."""
+    rng = np.random.default_rng(0)
+    return [rng.permutation(n) for _ in range(epochs)]
+
+
 # Each runner: (config, X, y, Xt, yt, epochs, threads) -> dict(epoch_seconds, test probabilities)
 
 def run_fastmlp(backend):
@@ -88,7 +96,7 @@ def run_sklearn(cfg, X, y, Xt, yt, epochs, threads):
         f"softmax + log-loss output (asked: {out} + {loss}; not available in scikit-learn)"
     clf = MLPClassifier(hidden_layer_sizes=tuple(sizes[1:-1]), activation=name, solver="sgd",
                         learning_rate="constant", learning_rate_init=lr, momentum=0.0,
-                        nesterovs_momentum=False, alpha=0.0, batch_size=bs, shuffle=True,
+                        nesterovs_momentum=False, alpha=0.0, batch_size=bs, shuffle=False,
                         random_state=0, max_iter=1)
     # sklearn draws its own initial weights in _init_coef, one call per layer in order;
     # hand it fastmlp's instead (a benchmark-only override of a private method).
@@ -99,9 +107,10 @@ def run_sklearn(cfg, X, y, Xt, yt, epochs, threads):
     classes = np.arange(10)
     with threadpool_limits(limits=threads, user_api="blas"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for _ in range(epochs):
+        for order in batch_orders(len(X), epochs):
             t = time.perf_counter()
-            clf.partial_fit(X, y, classes=classes)   # one shuffled pass of minibatch SGD
+            # One pass of minibatch SGD in fastmlp's order (the gather is its shuffle).
+            clf.partial_fit(X[order], y[order], classes=classes)
             times.append(time.perf_counter() - t)
     return {"epoch_seconds": times, "proba": clf.predict_proba(Xt), "note": note}
 
@@ -133,11 +142,10 @@ def run_torch(cfg, X, y, Xt, yt, epochs, threads):
     Xt_, Xtr = torch.from_numpy(Xt), torch.from_numpy(X)
     ytr = torch.from_numpy(y.astype(np.int64))
     Y1 = torch.nn.functional.one_hot(ytr, 10).float()
-    gen = torch.Generator().manual_seed(0)
     times = []
-    for _ in range(epochs):
+    for order in batch_orders(len(X), epochs):
         t = time.perf_counter()
-        perm = torch.randperm(len(Xtr), generator=gen)
+        perm = torch.from_numpy(order)
         for s in range(0, len(Xtr), bs):
             idx = perm[s:s + bs]
             out = net(Xtr[idx])
@@ -177,9 +185,9 @@ def run_keras(cfg, X, y, Xt, yt, epochs, threads):
     model.compile(optimizer=tf.keras.optimizers.SGD(learning_rate=lr), loss=lossf)
     Y = np.eye(10, dtype=np.float32)[y]
     times = []
-    for _ in range(epochs):
+    for order in batch_orders(len(X), epochs):
         t = time.perf_counter()
-        model.fit(X, Y, batch_size=bs, epochs=1, shuffle=True, verbose=0)
+        model.fit(X[order], Y[order], batch_size=bs, epochs=1, shuffle=False, verbose=0)
         times.append(time.perf_counter() - t)
     return {"epoch_seconds": times, "proba": model.predict(Xt, verbose=0),
             "note": f"tensorflow {tf.__version__}"}

@@ -127,6 +127,18 @@ def optimizer_row(p, g, m, v, opt, inv_n, decay, lr, mu, b1, b2, c1, c2, eps):
             p[j] -= lr * m[j] / (np.sqrt(v[j]) + eps)
 
 
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def sum_squares(v):
+    """sum of v[j]^2 in float64. reassoc lets LLVM vectorise the sum (in an order
+    fixed at compile time, so runs stay bit-identical); without it the sum is a
+    serial chain of scalar adds."""
+    s = 0.0
+    for j in range(v.shape[0]):
+        x = np.float64(v[j])
+        s += x * x
+    return s
+
+
 @njit(cache=True, error_model="numpy")
 def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, decay, lr, mu,
                  b1, b2, c1, c2, eps, Ms, Vs, mbs, vbs):
@@ -157,8 +169,7 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, dec
         for k in range(k0, k1):
             if k < n_in:
                 if decay > 0:
-                    for j in range(n_out):
-                        sq += W[k, j] * W[k, j]
+                    sq += sum_squares(W[k])
                 if l == 0 and sparse:
                     # Only chunks that touched row k wrote it; the rest are zero.
                     first = -1
