@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from .dense import (backprop_rows, bias_activate_rows, column_sums_rows, csr_matmul_rows,
-                    matmul_rows, output_delta_rows, sparse_combine_row, weight_grad_rows)
+                    matmul_rows, output_delta_rows, weight_grad_rows)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})

@@ -203,3 +203,43 @@ def test_to_csr_equals_scipy(dtype):
         np.testing.assert_array_equal(indices, ref.indices)
         np.testing.assert_array_equal(values, ref.data)
         assert values.dtype == dtype and indices.dtype == np.int32
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_combine_row_tiles(dtype, index_dtype):
+    """Every output width (full 64/32/8-lane tiles, the overlapping last tile, and
+    rows narrower than one vector) against a NumPy twin and a plain scalar loop."""
+    from numba import njit
+    from fastmlp.kernels.simd import sparse_combine_row
+
+    @njit(fastmath={"contract"})
+    def scalar(out, i, idx, val, q0, q1, M):
+        for j in range(M.shape[1]):
+            acc = out.dtype.type(0)
+            for q in range(q0, q1):
+                acc = acc + val[q] * M[idx[q], j]
+            out[i, j] = acc
+    rng = np.random.default_rng(21)
+    for n_out in list(range(1, 70)) + [100, 129, 512]:
+        M = rand(rng, (40, n_out), dtype)
+        idx = rng.integers(0, 40, 23).astype(index_dtype)
+        val = rand(rng, 23, dtype)
+        for q0, q1 in ((0, 23), (5, 6), (7, 7)):
+            out = np.full((3, n_out), np.nan, dtype)
+            sparse_combine_row(out, 2, idx, val, q0, q1, M)
+            want = val[q0:q1] @ M[idx[q0:q1]] if q1 > q0 else np.zeros(n_out, dtype)
+            np.testing.assert_allclose(out[2], want, **TOL[dtype])
+            assert np.isnan(out[:2]).all()                  # other rows untouched
+            ref = out.copy()
+            scalar(ref, 2, idx, val, q0, q1, M)
+            np.testing.assert_array_equal(out[2], ref[2])   # same fused multiply-adds, same order
+
+
+def test_sparse_combine_row_refuses_strided_arrays():
+    from numba.core.errors import TypingError
+    from fastmlp.kernels.simd import sparse_combine_row
+    M = np.ones((8, 16), np.float32)
+    with pytest.raises(TypingError, match="C-contiguous"):
+        sparse_combine_row(np.zeros((2, 8), np.float32), 0, np.zeros(2, np.int32),
+                           np.ones(2, np.float32), 0, 2, M[:, ::2])
