@@ -6,6 +6,7 @@ import numpy as np
 
 from ._io import atomic_write
 from .model import FORMAT_VERSION
+from .optimizers import SGD
 
 MARKER = "fastmlp-checkpoint"
 
@@ -66,7 +67,7 @@ def load(path, trainer, n_samples):
                              f"wrong shape")
         m.weights[i][...] = W
         m.biases[i][...] = b
-    if trainer.optimizer.code != 0 or "opt_step" in data:
+    if trainer.optimizer.code != SGD or "opt_step" in data:
         trainer.optimizer.load_state_arrays(data, m.weights, m.biases, path)
     history = History()
     for record in meta["history"]:

@@ -125,7 +125,8 @@ class Engine:
         m, opt = self.model, self.optimizer
         s = opt.ensure_state(m.weights, m.biases)
         hyper = np.array([opt.momentum, opt.beta_1, opt.beta_2, opt.epsilon, opt.alpha])
-        # Plain SGD reads no moments; any arrays of the right types will do.
+        # Moments an optimiser does not use are never touched; the parameters (or the
+        # first moments) stand in for them, with the right shapes.
         Ms = tuple(s.get("mW", m.weights))
         mbs = tuple(s.get("mb", m.biases))
         Vs = tuple(s.get("vW", Ms))

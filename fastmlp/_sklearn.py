@@ -16,6 +16,7 @@ import numpy as np
 import scipy.optimize
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier as _SklearnMLPClassifier
 from sklearn.preprocessing import LabelBinarizer
@@ -300,8 +301,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                                            / (self.t_ + 1) ** self.power_t)
                 if self._no_improvement_count > self.n_iter_no_change:
                     what = "Validation score" if early_stopping else "Training loss"
-                    verb = "improve" if early_stopping else "improve"
-                    msg = (f"{what} did not {verb} more than tol={self.tol:f} for "
+                    msg = (f"{what} did not improve more than tol={self.tol:f} for "
                            f"{self.n_iter_no_change} consecutive epochs.")
                     if (self.solver == "sgd" and self.learning_rate == "adaptive"
                             and self._learning_rate > 1e-6):
@@ -324,9 +324,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
 
     def _update_no_improvement_count(self, early_stopping, model, X_val, y_val):
         if early_stopping:
-            score = float(np.mean(self._labels(model.predict_proba(X_val)) == y_val)) \
-                if y_val.ndim == 1 else float(np.mean(np.all(
-                    self._labels(model.predict_proba(X_val)) == y_val, axis=1)))
+            # scikit-learn's score: accuracy, or subset accuracy for multilabel.
+            score = float(accuracy_score(y_val, self._labels(model.predict_proba(X_val))))
             self.validation_scores_.append(score)
             if self.verbose:
                 print("Validation score: %f" % score)

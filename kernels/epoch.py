@@ -199,14 +199,9 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, dec
                             W[k, j] -= lr_b * dW[0, k, j]
                         continue
                     g = dW[0, k]
-                if opt == SGD:
-                    optimizer_row(W[k], g, g, g, opt, inv_n, decay, lr, mu, b1, b2, c1, c2, eps)
-                elif opt == ADAM:
-                    optimizer_row(W[k], g, Ms[l][k], Vs[l][k], opt, inv_n, decay, lr, mu, b1, b2,
-                                  c1, c2, eps)
-                else:
-                    optimizer_row(W[k], g, Ms[l][k], g, opt, inv_n, decay, lr, mu, b1, b2, c1, c2,
-                                  eps)
+                # Moments an optimiser does not use are never read or written.
+                optimizer_row(W[k], g, Ms[l][k], Vs[l][k], opt, inv_n, decay, lr, mu, b1, b2, c1,
+                              c2, eps)
             else:
                 db = dbs[l]
                 b = bs[l]
@@ -216,12 +211,9 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, dec
                 if plain:
                     for j in range(n_out):
                         b[j] -= lr_b * db[0, j]
-                elif opt == ADAM:
-                    optimizer_row(b, db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1, b2,
-                                  c1, c2, eps)
                 else:
-                    optimizer_row(b, db[0], mbs[l], mbs[l], opt, inv_n, zero, lr, mu, b1,
-                                  b2, c1, c2, eps)
+                    optimizer_row(b, db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1, b2, c1,
+                                  c2, eps)
         base += n_in + 1
     return sq
 
@@ -237,8 +229,9 @@ def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order
 
     opt is the optimiser's code; hyper holds (momentum, beta_1, beta_2, epsilon,
     alpha) as float64; step[0] counts Adam's steps across calls; Ms/Vs and mbs/vbs
-    are the first and second moments of the weights and biases (ignored by plain
-    SGD; pass any arrays of the right types). The summed loss includes the L2 term
+    are the first and second moments of the weights and biases (an optimiser that
+    does not use them never reads or writes them, but they must have the
+    parameters' shapes: pass the parameters themselves). The summed loss includes the L2 term
     alpha/2 * sum W^2 per batch, as scikit-learn reports it.
 
     Returns (summed loss, number correct, bad, done): loss and accuracy from each
