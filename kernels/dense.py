@@ -248,11 +248,13 @@ def sgd_update(W, b, dW, db, lr):
         b[j] -= lr * db[j]
 
 
-_PRANGE_ONLY = {"prange": True, "numpy": False, "reduction": False, "setitem": False,
-                "stencil": False, "fusion": False, "comprehension": False, "inplace_binop": False}
+# Parallel only where a loop says prange: an array expression parallelised behind
+# our back would change bits with the thread count.
+PRANGE_ONLY = {"prange": True, "numpy": False, "reduction": False, "setitem": False,
+               "stencil": False, "fusion": False, "comprehension": False, "inplace_binop": False}
 
 
-@njit(cache=True, error_model="numpy", parallel=_PRANGE_ONLY)
+@njit(cache=True, error_model="numpy", parallel=PRANGE_ONLY)
 def row_nonzeros(X, counts):
     """counts[i] = number of nonzeros in row i of X (each thread owns its rows)."""
     for i in prange(X.shape[0]):
@@ -263,7 +265,7 @@ def row_nonzeros(X, counts):
         counts[i] = c
 
 
-@njit(cache=True, error_model="numpy", parallel=_PRANGE_ONLY)
+@njit(cache=True, error_model="numpy", parallel=PRANGE_ONLY)
 def csr_fill(X, indptr, indices, values):
     """Column indices and values of X's nonzeros, row by row, at indptr's offsets."""
     for i in prange(X.shape[0]):

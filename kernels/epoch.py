@@ -25,8 +25,8 @@ gradient is exactly zero).
 import numpy as np
 from numba import njit, prange
 
-from .dense import (backprop_rows, bias_activate_rows, column_sums_rows, csr_matmul_rows,
-                    matmul_rows, output_delta_rows, weight_grad_rows)
+from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
+                    csr_matmul_rows, matmul_rows, output_delta_rows, weight_grad_rows)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
@@ -218,9 +218,7 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, dec
     return sq
 
 
-@njit(cache=True, error_model="numpy", nogil=True,
-      parallel={"prange": True, "numpy": False, "reduction": False, "setitem": False,
-                "stencil": False, "fusion": False, "comprehension": False, "inplace_binop": False})
+@njit(cache=True, error_model="numpy", nogil=True, parallel=PRANGE_ONLY)
 def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order, batch_size,
                 b0, b1, lr, A0, Yb, As, Ds, dWs, dbs, touched, tiny, top,
                 loss_parts, correct_parts, interrupt, opt, hyper, step, Ms, Vs, mbs, vbs, sq_parts):
