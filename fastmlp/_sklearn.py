@@ -31,7 +31,7 @@ from . import losses, reference
 from ._interrupt import StopOnInterrupt
 from .model import MLP
 from .optimizers import Optimizer
-from .trainer import BACKENDS, DEFAULT_BACKEND, _NumpyEngine
+from .trainer import BACKENDS, DEFAULT_BACKEND, _NumpyEngine, make_engine
 
 # scikit-learn's activation names -> fastmlp's.
 ACTIVATIONS = {"identity": "linear", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
@@ -236,12 +236,6 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                              alpha=self.alpha)
         return Optimizer("sgd", alpha=self.alpha)
 
-    def _engine(self, model, batch_size, optimizer):
-        if self.backend == "numba":
-            from . import _numba_backend
-            return _numba_backend.Engine(model, "cross_entropy", batch_size, self.threads, optimizer)
-        return _NumpyEngine(model, "cross_entropy", self.threads, optimizer)
-
     def _fit_stochastic(self, model, X, Y, incremental):
         if not incremental or not hasattr(self, "_optimizer"):
             self._optimizer = self._new_optimizer()
@@ -270,16 +264,18 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             batch_size = int(np.clip(self.batch_size, 1, n))
         n_batches = -(-n // batch_size)
         sample_idx = np.arange(n, dtype=np.int64)
-        engine = self._engine(model, batch_size, self._optimizer)
+        engine = make_engine(self.backend, model, "cross_entropy", batch_size, self.threads,
+                             self._optimizer)
         self.n_iter_ = 0
         with engine.threads_context(), StopOnInterrupt() as interrupt:
             engine.prepare(np.ascontiguousarray(X), np.ascontiguousarray(Y, dtype=model.dtype))
+            # prepare may replace non-contiguous parameters; training updates these in place.
+            self.coefs_, self.intercepts_ = model.weights, model.biases
             for _ in range(self.max_iter):
                 if self.shuffle:
                     sample_idx = _shuffle(sample_idx, random_state=self._random_state)
                 total, _, bad, done = engine.train_batches(sample_idx, batch_size, 0, n_batches,
                                                            self._learning_rate, interrupt.flag)
-                self.coefs_, self.intercepts_ = model.weights, model.biases
                 if bad >= 0:
                     raise ValueError(
                         f"Solver produced non-finite parameter weights: the loss became NaN or "
@@ -367,7 +363,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
 
         theta0 = np.concatenate([p.ravel() for p in params]).astype(np.float64)
         iprint = {"iprint": 1} if self.verbose is True or self.verbose >= 1 else {}
-        ctx = self._engine(model, 1, None).threads_context()
+        ctx = make_engine(self.backend, model, "cross_entropy", 1, self.threads,
+                          None).threads_context()
         with ctx:
             res = scipy.optimize.minimize(loss_grad, theta0, method="L-BFGS-B", jac=True,
                                           options={"maxfun": self.max_fun,

@@ -193,12 +193,8 @@ class Trainer:
 
     def _get_engine(self):
         if self._engine is None:
-            if self.backend == "numba":
-                from . import _numba_backend
-                self._engine = _numba_backend.Engine(self.model, self.loss, self.batch_size,
-                                                     self.threads, self.optimizer)
-            else:
-                self._engine = _NumpyEngine(self.model, self.loss, self.threads, self.optimizer)
+            self._engine = make_engine(self.backend, self.model, self.loss, self.batch_size,
+                                       self.threads, self.optimizer)
         return self._engine
 
     def fit(self, X, Y, epochs=1, validation_data=None, on_progress=None, on_epoch_end=None,
@@ -324,6 +320,15 @@ class Trainer:
         return self._evaluate_checked(X, Y)
 
 
+def make_engine(backend, model, loss, batch_size, threads, optimizer):
+    """The object that trains runs of batches for a backend: prepare(X, Y), then
+    train_batches(order, batch_size, b0, b1, lr, stop) inside threads_context()."""
+    if backend == "numba":
+        from . import _numba_backend
+        return _numba_backend.Engine(model, loss, batch_size, threads, optimizer)
+    return _NumpyEngine(model, loss, threads, optimizer)
+
+
 class _NumpyEngine:
     """The reference backend: plain vectorised NumPy, one Python step per batch."""
 
@@ -342,8 +347,6 @@ class _NumpyEngine:
 
     def train_batches(self, order, bs, b0, b1, lr, stop=None):
         m = self.model
-        opt = self.optimizer
-        if opt is not None and opt.code == optimizers.SGD and not opt.alpha:
-            opt = None  # plain SGD: the seeds' update, W -= lr dW
         return reference.train_batches(m.weights, m.biases, m.activations, self.loss,
-                                       self.X, self.Y, lr, order, bs, b0, b1, stop, opt)
+                                       self.X, self.Y, lr, order, bs, b0, b1, stop,
+                                       self.optimizer)
