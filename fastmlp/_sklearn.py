@@ -363,9 +363,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
 
         theta0 = np.concatenate([p.ravel() for p in params]).astype(np.float64)
         iprint = {"iprint": 1} if self.verbose is True or self.verbose >= 1 else {}
-        ctx = make_engine(self.backend, model, "cross_entropy", 1, self.threads,
-                          None).threads_context()
-        with ctx:
+        # Whole-dataset products: let BLAS use the threads (the numba Engine's context
+        # would pin it to one, which suits only its own per-thread chunks).
+        with _NumpyEngine(model, "cross_entropy", self.threads).threads_context():
             res = scipy.optimize.minimize(loss_grad, theta0, method="L-BFGS-B", jac=True,
                                           options={"maxfun": self.max_fun,
                                                    "maxiter": self.max_iter, "gtol": self.tol,
