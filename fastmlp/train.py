@@ -44,39 +44,31 @@ def _name_list(text):
     return names
 
 
-def _positive(kind):
+def _number(kind, accept, expected):
+    """An argparse type: `kind(text)`, kept if accept(value), else an error saying
+    what was expected."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not v > 0 or (kind is float and not np.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        if not accept(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return v
     return parse
+
+
+def _positive(kind):
+    return _number(kind, lambda v: v > 0 and (kind is not float or np.isfinite(v)),
+                   "a number > 0")
 
 
 def _fraction(closed=False):
-    def parse(text):
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (0 <= v <= 1 if closed else 0 <= v < 1):
-            raise argparse.ArgumentTypeError(
-                f"expected a number in [0, 1{']' if closed else ')'}, got {text!r}")
-        return v
-    return parse
+    return _number(float, (lambda v: 0 <= v <= 1) if closed else (lambda v: 0 <= v < 1),
+                   f"a number in [0, 1{']' if closed else ')'}")
 
 
-def _non_negative(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and np.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
+_non_negative = _number(float, lambda v: v >= 0 and np.isfinite(v), "a finite number >= 0")
 
 
 def build_parser():
