@@ -101,10 +101,11 @@ SGD, MOMENTUM, NESTEROV, ADAM = 0, 1, 2, 3  # fastmlp.optimizers' codes
 
 @njit(cache=True, error_model="numpy")
 def optimizer_row(p, g, m, v, opt, inv_n, decay, lr, mu, b1, b2, c1, c2, eps):
-    """Update one row of parameters p in place from g, its gradient summed over the
-    batch; the step is fastmlp.optimizers.Optimizer.step for that row: the mean
-    gradient plus the L2 term is g * inv_n + decay * p, m and v are the row's
-    moments (velocity for momentum), c1 = 1 - b1 and c2 = 1 - b2."""
+    """Update the parameters p (a bias, or a run of weight rows seen as one flat
+    vector) in place from g, their gradient summed over the batch; the step is
+    fastmlp.optimizers.Optimizer.step for them: the mean gradient plus the L2 term
+    is g * inv_n + decay * p, m and v are their moments (velocity for momentum),
+    c1 = 1 - b1 and c2 = 1 - b2."""
     n = p.shape[0]
     if opt == SGD:
         for j in range(n):
@@ -166,54 +167,57 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, dec
         n_in, n_out = W.shape
         k0 = max(lo, base) - base
         k1 = min(hi, base + n_in + 1) - base
-        for k in range(k0, k1):
-            if k < n_in:
-                if decay > 0:
-                    sq += sum_squares(W[k])
-                if l == 0 and sparse:
-                    # Only chunks that touched row k wrote it; the rest are zero.
-                    first = -1
-                    for c in range(n_chunks):
-                        if touched[c, k]:
-                            if first < 0:
-                                first = c
-                            else:
-                                for j in range(n_out):
-                                    dW[first, k, j] += dW[c, k, j]
-                    if plain:
-                        if first >= 0:
+        kw1 = min(k1, n_in)
+        for k in range(k0, kw1):
+            if decay > 0:
+                sq += sum_squares(W[k])
+            if l == 0 and sparse:
+                # Only chunks that touched row k wrote it; the rest are zero.
+                first = -1
+                for c in range(n_chunks):
+                    if touched[c, k]:
+                        if first < 0:
+                            first = c
+                        else:
                             for j in range(n_out):
-                                W[k, j] -= lr_b * dW[first, k, j]
-                        continue
-                    if first < 0:
-                        first = 0
+                                dW[first, k, j] += dW[c, k, j]
+                if plain:
+                    if first >= 0:
                         for j in range(n_out):
-                            dW[0, k, j] = 0
-                    g = dW[first, k]
-                else:
-                    for c in range(1, n_chunks):
-                        for j in range(n_out):
-                            dW[0, k, j] += dW[c, k, j]
-                    if plain:
-                        for j in range(n_out):
-                            W[k, j] -= lr_b * dW[0, k, j]
-                        continue
-                    g = dW[0, k]
-                # Moments an optimiser does not use are never read or written.
-                optimizer_row(W[k], g, Ms[l][k], Vs[l][k], opt, inv_n, decay, lr, mu, b1, b2, c1,
-                              c2, eps)
+                            W[k, j] -= lr_b * dW[first, k, j]
+                elif first != 0:
+                    # The optimiser below reads the summed gradient from dW[0].
+                    for j in range(n_out):
+                        dW[0, k, j] = dW[first, k, j] if first > 0 else zero
             else:
-                db = dbs[l]
-                b = bs[l]
                 for c in range(1, n_chunks):
                     for j in range(n_out):
-                        db[0, j] += db[c, j]
+                        dW[0, k, j] += dW[c, k, j]
                 if plain:
                     for j in range(n_out):
-                        b[j] -= lr_b * db[0, j]
-                else:
-                    optimizer_row(b, db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1, b2, c1,
-                                  c2, eps)
+                        W[k, j] -= lr_b * dW[0, k, j]
+        if not plain and kw1 > k0:
+            # The share's rows are contiguous: one long loop vectorises better than
+            # one call per row of n_out. Moments an optimiser does not use are
+            # never read or written.
+            a = k0 * n_out
+            e = kw1 * n_out
+            size = n_in * n_out
+            optimizer_row(W.reshape(size)[a:e], dW[0].reshape(size)[a:e],
+                          Ms[l].reshape(size)[a:e], Vs[l].reshape(size)[a:e], opt, inv_n, decay,
+                          lr, mu, b1, b2, c1, c2, eps)
+        if k0 <= n_in < k1:  # the share includes the bias row
+            db = dbs[l]
+            b = bs[l]
+            for c in range(1, n_chunks):
+                for j in range(n_out):
+                    db[0, j] += db[c, j]
+            if plain:
+                for j in range(n_out):
+                    b[j] -= lr_b * db[0, j]
+            else:
+                optimizer_row(b, db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1, b2, c1,
+                              c2, eps)
         base += n_in + 1
     return sq
 
