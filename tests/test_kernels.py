@@ -27,6 +27,20 @@ def sparse_input(rng, shape, dtype):
     return X
 
 
+def test_kernel_codes_match_the_api_names():
+    # The kernels switch on small integers that fastmlp's name tables define a
+    # second time (the kernels cannot import the API); a mismatch would silently
+    # train a different activation, loss or optimiser.
+    from fastmlp import optimizers
+    from fastmlp.kernels import epoch
+    for name, code in activations.CODES.items():
+        assert getattr(dense, name.upper()) == code, name
+    for name, code in losses.CODES.items():
+        assert getattr(dense, name.upper()) == code, name
+    for name in ("SGD", "MOMENTUM", "NESTEROV", "ADAM"):
+        assert getattr(epoch, name) == getattr(optimizers, name), name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", activations.NAMES)
 def test_dense_forward(dtype, act):
