@@ -4,7 +4,7 @@ import contextlib
 import numpy as np
 
 from . import activations, losses
-from .kernels import dense, epoch
+from .kernels import dense, epoch, native
 
 # Below this fraction of nonzeros the first layer reads the input as CSR.
 SPARSE_DENSITY = 0.5
@@ -117,6 +117,9 @@ class Engine:
         self.loss_parts = np.zeros(T, dtype=np.float64)
         self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)
+        self.called = np.zeros(T, dtype=np.bool_)
+        self.batch = np.zeros(2, dtype=np.int64)
+        self.scalars = np.zeros(9, dtype=dt)
         self.tiny, self.top = _clip_bounds(dt)
         self.codes = _codes(m)
         self.loss_code = losses.CODES[self.loss]
@@ -137,12 +140,33 @@ class Engine:
         m = self.model
         if stop is None:
             stop = np.zeros(1, dtype=np.int64)
+        Ws, bs_ = tuple(m.weights), tuple(m.biases)
+        order = np.ascontiguousarray(order, dtype=np.int64)
+        opt, hyper, step, Ms, Vs, mbs, vbs = self._optimizer_args()
+        # The per-chunk kernels are compiled (or loaded from the cache) on their own
+        # and called through their addresses: (function, arguments after the chunk
+        # number) exactly as train_epoch packs them.
+        fb_args = (Ws, bs_, self.codes, self.loss_code, self.X, self.sparse, self.indptr,
+                   self.indices, self.values, self.Y, order, self.batch, self.A0, self.Yb,
+                   self.As, self.Ds, self.dWs, self.dbs, self.touched, self.tiny, self.top,
+                   self.loss_parts, self.correct_parts)
+        up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, opt, self.scalars,
+                   Ms, Vs, mbs, vbs, self.sq_parts)
+        kernels = np.array(native.address(epoch.chunk_forward_backward, (np.int64(0),) + fb_args)
+                           + native.address(epoch.update_share, (np.int64(0),) + up_args),
+                           dtype=np.int64)
         total, correct, bad, done = epoch.train_epoch(
-            tuple(m.weights), tuple(m.biases), self.codes, self.loss_code, self.X, self.sparse,
-            self.indptr, self.indices, self.values, self.Y, np.ascontiguousarray(order, dtype=np.int64),
+            Ws, bs_, self.codes, self.loss_code, self.X, self.sparse,
+            self.indptr, self.indices, self.values, self.Y, order,
             bs, b0, b1, float(lr), self.A0, self.Yb, self.As, self.Ds, self.dWs, self.dbs,
             self.touched, self.tiny, self.top,
-            self.loss_parts, self.correct_parts, stop, *self._optimizer_args(), self.sq_parts)
+            self.loss_parts, self.correct_parts, stop, opt, hyper, step, Ms, Vs, mbs, vbs,
+            self.sq_parts, kernels, self.batch, self.scalars, self.called)
+        if bad == epoch.WRONG_SIGNATURE:
+            raise RuntimeError("fastmlp internal error: train_epoch packs arguments of other "
+                               "types than the per-chunk kernels were compiled for")
+        if bad == epoch.KERNEL_FAILED:
+            raise RuntimeError("fastmlp internal error: a per-chunk kernel reported an error")
         return float(total), int(correct), int(bad), int(done)
 
 

@@ -8,7 +8,10 @@ Per batch, two parallel regions and nothing else:
 2. each chunk owns a contiguous share of all weight rows and applies
    W -= lr/B * (partial_0 + partial_1 + ...), summed in chunk order.
 No two threads ever write the same number, so for a given n_chunks (thread
-count) the result is bit for bit the same on every run.
+count) the result is bit for bit the same on every run. The two per-chunk
+kernels are compiled on their own and called through their addresses
+(fastmlp.kernels.native), so that compiling train_epoch does not compile them
+again inside it.
 
 Parameters and workspaces are tuples of arrays, one per layer: Ws[l] (n_in,
 n_out), bs[l] (n_out,), As[l] and Ds[l] (batch, n_out), dWs[l] (n_chunks, n_in,
@@ -25,6 +28,7 @@ gradient is exactly zero).
 import numpy as np
 from numba import njit, prange
 
+from .native import call_packed, pack_call
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
                     csr_matmul_rows, matmul_rows, output_delta_rows, weight_grad_rows)
 
@@ -59,11 +63,20 @@ def weight_grad_sparse(indptr, indices, values, rows, r0, r1, D, dW, db, touched
     column_sums_rows(D, db, r0, r1)
 
 
-@njit(cache=True, error_model="numpy")
-def chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr, indices, values,
-                           Y, rows, A0, Yb, As, Ds, dWs, dbs, touched, tiny, top):
-    """Forward and backward for batch rows r0..r1-1 (chunk t); returns the chunk's
-    summed loss and number correct."""
+# Called only through its address from train_epoch: no wrappers for Python or C.
+@njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order,
+                           batch, A0, Yb, As, Ds, dWs, dbs, touched, tiny, top, loss_parts,
+                           correct_parts):
+    """Forward and backward for chunk t of the batch of rows order[start:start+nb],
+    (start, nb) = batch: its rows r0..r1-1, one of loss_parts.shape[0] equal
+    shares. Writes the chunk's summed loss and number correct into loss_parts[t]
+    and correct_parts[t]."""
+    start, nb = batch[0], batch[1]
+    n_chunks = loss_parts.shape[0]
+    r0 = t * nb // n_chunks
+    r1 = (t + 1) * nb // n_chunks
+    rows = order[start:]
     L = len(Ws)
     n_out = Y.shape[1]
     for r in range(r0, r1):
@@ -93,7 +106,8 @@ def chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr, ind
                            touched[t])
     else:
         weight_grad_rows(A0, Ds[0], dWs[0][t], dbs[0][t], r0, r1)
-    return total, correct
+    loss_parts[t] = total
+    correct_parts[t] = correct
 
 
 SGD, MOMENTUM, NESTEROV, ADAM = 0, 1, 2, 3  # fastmlp.optimizers' codes
@@ -140,16 +154,23 @@ def sum_squares(v):
     return s
 
 
-@njit(cache=True, error_model="numpy")
-def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, decay, lr, mu,
-                 b1, b2, c1, c2, eps, Ms, Vs, mbs, vbs):
-    """Apply the summed partial gradients to chunk t's share of all weight rows
-    (every layer's W rows, then its bias as one more row). Returns the share's sum
-    of squared weights before the update when decay > 0 (the L2 term of the loss).
+# Called only through its address from train_epoch, like chunk_forward_backward.
+@njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs, vbs, sq_parts):
+    """Apply the summed partial gradients to chunk t's share (one of
+    sq_parts.shape[0]) of all weight rows (every layer's W rows, then its bias as
+    one more row). Writes the share's sum of squared weights before the update into
+    sq_parts[t] when decay > 0 (the L2 term of the loss). scalars holds
+    (1/B, alpha/B, lr, momentum, beta_1, beta_2, 1 - beta_1, 1 - beta_2, epsilon)
+    in the parameters' dtype; optimizer_row says how they are used.
 
     Plain SGD without L2 takes the short path W -= (lr / B) * sum, and with a
     sparse input skips rows of W_1 no chunk touched (their gradient is zero);
     every other optimiser updates every row (velocities decay, L2 shrinks)."""
+    inv_n, decay, lr, mu, b1, b2, c1, c2, eps = (scalars[0], scalars[1], scalars[2], scalars[3],
+                                                 scalars[4], scalars[5], scalars[6], scalars[7],
+                                                 scalars[8])
+    n_chunks = sq_parts.shape[0]
     L = len(Ws)
     plain = opt == SGD and decay == 0
     zero = decay - decay  # biases have no L2 term; a literal 0 would be int64
@@ -219,13 +240,17 @@ def update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt, inv_n, dec
                 optimizer_row(b, db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1, b2, c1,
                               c2, eps)
         base += n_in + 1
-    return sq
+    sq_parts[t] = sq
+
+
+KERNEL_FAILED, WRONG_SIGNATURE = -3, -2  # train_epoch's `bad` when a packed call fails
 
 
 @njit(cache=True, error_model="numpy", nogil=True, parallel=PRANGE_ONLY)
 def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order, batch_size,
                 b0, b1, lr, A0, Yb, As, Ds, dWs, dbs, touched, tiny, top,
-                loss_parts, correct_parts, interrupt, opt, hyper, step, Ms, Vs, mbs, vbs, sq_parts):
+                loss_parts, correct_parts, interrupt, opt, hyper, step, Ms, Vs, mbs, vbs, sq_parts,
+                kernels, batch, scalars, called):
     """Train batches b0..b1-1 of an epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] (the last may be partial).
 
@@ -236,34 +261,46 @@ def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order
     parameters' shapes: pass the parameters themselves). The summed loss includes the L2 term
     alpha/2 * sum W^2 per batch, as scikit-learn reports it.
 
+    kernels holds the (address, signature key) of chunk_forward_backward and of
+    update_share compiled for these arguments (fastmlp.kernels.native.address);
+    batch (int64, 2), scalars (the parameters' dtype, 9) and called (bool, one
+    per chunk) are workspaces.
+
     Returns (summed loss, number correct, bad, done): loss and accuracy from each
     batch's forward pass before its update; bad is the first batch whose loss is NaN
-    or infinite (its update is not applied and the call stops there), else -1; done
-    is the number of the first batch not trained: b1, or less when interrupt[0] was
-    set (by Ctrl-C; checked before each batch; nogil lets the watcher thread run).
+    or infinite (its update is not applied and the call stops there), else -1, or
+    WRONG_SIGNATURE / KERNEL_FAILED when a kernel could not be called / reported an
+    error; done is the number of the first batch not trained: b1, or less when
+    interrupt[0] was set (by Ctrl-C; checked before each batch; nogil lets the
+    watcher thread run).
     """
     n = order.shape[0]
     n_chunks = loss_parts.shape[0]
     total = 0.0
     correct = 0
+    # The kernels' long argument lists are packed once; each parallel loop passes
+    # only the packed block and the chunk number (see fastmlp.kernels.native).
+    fb = pack_call(kernels[0], kernels[1], (
+        Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order, batch, A0, Yb, As, Ds,
+        dWs, dbs, touched, tiny, top, loss_parts, correct_parts))
+    up = pack_call(kernels[2], kernels[3], (Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms,
+                                            Vs, mbs, vbs, sq_parts))
+    fb_tramp, fb_block, up_tramp, up_block = fb[0], fb[1], up[0], up[1]
+    if fb_tramp == 0 or up_tramp == 0:
+        return total, correct, WRONG_SIGNATURE, b0
     for b in range(b0, b1):
         if interrupt[0] != 0:
             return total, correct, -1, b
         start = b * batch_size
         stop = min(start + batch_size, n)
         nb = stop - start
-        rows = order[start:stop]
-        for t_ in prange(n_chunks):
-            # The parallel loop's index is int64 while typing and uint64 once lowered:
-            # a fixed type keeps the callee to one compiled version (6 s less compiling).
-            t = np.int64(t_)
-            r0 = t * nb // n_chunks
-            r1 = (t + 1) * nb // n_chunks
-            lt, ct = chunk_forward_backward(t, r0, r1, Ws, bs, acts, loss, X, sparse, indptr,
-                                            indices, values, Y, rows, A0, Yb, As, Ds, dWs, dbs,
-                                            touched, tiny, top)
-            loss_parts[t] = lt
-            correct_parts[t] = ct
+        batch[0] = start
+        batch[1] = nb
+        for t in prange(n_chunks):
+            called[t] = call_packed(fb_tramp, fb_block, t)
+        for t in range(n_chunks):
+            if not called[t]:
+                return total, correct, KERNEL_FAILED, b
         batch_loss = 0.0
         batch_correct = 0
         for t in range(n_chunks):
@@ -273,18 +310,26 @@ def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order
             return total, correct, b, b
         total += batch_loss
         correct += batch_correct
-        # Scalars in the parameters' dtype: a float64 one would promote float32 math.
-        dt = Ws[0].dtype.type
         lr_t = lr
         if opt == ADAM:
             step[0] += 1
             lr_t = lr * np.sqrt(1.0 - hyper[2] ** step[0]) / (1.0 - hyper[1] ** step[0])
-        for t_ in prange(n_chunks):
-            t = np.int64(t_)
-            sq_parts[t] = update_share(t, n_chunks, Ws, bs, dWs, dbs, sparse, touched, opt,
-                                       dt(1.0 / nb), dt(hyper[4] / nb), dt(lr_t), dt(hyper[0]),
-                                       dt(hyper[1]), dt(hyper[2]), dt(1.0 - hyper[1]),
-                                       dt(1.0 - hyper[2]), dt(hyper[3]), Ms, Vs, mbs, vbs)
+        # Stored in the parameters' dtype (rounded once from float64): a float64
+        # scalar would promote the float32 update to float64.
+        scalars[0] = 1.0 / nb
+        scalars[1] = hyper[4] / nb
+        scalars[2] = lr_t
+        scalars[3] = hyper[0]
+        scalars[4] = hyper[1]
+        scalars[5] = hyper[2]
+        scalars[6] = 1.0 - hyper[1]
+        scalars[7] = 1.0 - hyper[2]
+        scalars[8] = hyper[3]
+        for t in prange(n_chunks):
+            called[t] = call_packed(up_tramp, up_block, t)
+        for t in range(n_chunks):
+            if not called[t]:
+                return total, correct, KERNEL_FAILED, b
         if hyper[4] > 0:
             sq = 0.0
             for t in range(n_chunks):

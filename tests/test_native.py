@@ -1,0 +1,99 @@
+"""fastmlp.kernels.native: kernels called through their addresses from a parallel
+loop, against the same arithmetic in NumPy; the signature guard; errors."""
+import numpy as np
+import pytest
+from numba import njit, prange
+
+import fastmlp
+from fastmlp.kernels import native
+from fastmlp.kernels.native import call_packed, pack_call
+
+
+@njit(no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _axpy_row(t, a, X, Y):
+    # Row t of Y = a * X + Y, with a scalar and arrays of several layouts in the
+    # packed block.
+    for j in range(X.shape[1]):
+        Y[t, j] += a * X[t, j]
+
+
+@njit(no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _fail_on(t, bad, out):
+    if t == bad:
+        raise ValueError("kernel error")
+    out[t] = t
+
+
+@njit(parallel=True)
+def _run_axpy(addr, key, a, X, Y, called):
+    tramp, block = pack_call(addr, key, (a, X, Y))
+    if tramp == 0:
+        return False
+    for t in prange(X.shape[0]):
+        called[t] = call_packed(tramp, block, t)
+    return True
+
+
+@njit(parallel=True)
+def _run_fail(addr, key, bad, out, called):
+    tramp, block = pack_call(addr, key, (bad, out))
+    for t in prange(out.shape[0]):
+        called[t] = call_packed(tramp, block, t)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_calls_match_numpy(dtype):
+    rng = np.random.default_rng(7)
+    for rows, cols in [(1, 1), (3, 17), (100, 7)]:
+        X = rng.normal(size=(rows, cols)).astype(dtype)
+        Y = rng.normal(size=(rows, cols)).astype(dtype)
+        a = dtype(rng.normal())
+        expected = a * X + Y
+        addr, key = native.address(_axpy_row, (np.int64(0), a, X, Y))
+        called = np.zeros(rows, dtype=np.bool_)
+        assert _run_axpy(addr, key, a, X, Y, called)
+        assert called.all()
+        np.testing.assert_array_equal(Y, expected)
+
+
+def test_a_wrong_key_packs_nothing_and_calls_nothing():
+    X = np.ones((4, 3))
+    Y = np.zeros((4, 3))
+    addr, key = native.address(_axpy_row, (np.int64(0), 2.0, X, Y))
+    called = np.zeros(4, dtype=np.bool_)
+    assert not _run_axpy(addr, key + 1, 2.0, X, Y, called)
+    assert not called.any() and not Y.any()
+
+
+def test_keys_name_the_argument_types():
+    import numba
+    f32 = native.signature_key([numba.typeof(np.zeros((2, 2), np.float32))])
+    f64 = native.signature_key([numba.typeof(np.zeros((2, 2), np.float64))])
+    F = native.signature_key([numba.typeof(np.zeros((2, 2), np.float64, order="F"))])
+    assert len({f32, f64, F}) == 3
+    assert f64 == native.signature_key([numba.typeof(np.ones((5, 1)))])
+
+
+def test_a_kernel_error_is_reported_per_chunk():
+    out = np.zeros(4, dtype=np.int64)
+    addr, key = native.address(_fail_on, (np.int64(0), np.int64(2), out))
+    called = np.ones(4, dtype=np.bool_)
+    _run_fail(addr, key, 2, out, called)
+    np.testing.assert_array_equal(called, [True, True, False, True])
+    np.testing.assert_array_equal(out, [0, 1, 0, 3])
+
+
+def test_engine_refuses_kernels_compiled_for_other_types(monkeypatch):
+    # If the Engine's argument lists and train_epoch's packing ever disagree, the
+    # epoch stops before any batch with a clear error instead of running code
+    # that reads the wrong layout.
+    model = fastmlp.MLP([5, 4, 3], ["tanh", "softmax"], seed=0)
+    before = [W.copy() for W in model.weights]
+    real = native.address
+    monkeypatch.setattr(native, "address", lambda d, args: (real(d, args)[0], 12345))
+    X = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    trainer = fastmlp.Trainer(model, "cross_entropy", lr=0.1, batch_size=4, seed=0)
+    with pytest.raises(RuntimeError, match="compiled for"):
+        trainer.fit(X, np.arange(8) % 3, epochs=1)
+    for W, W0 in zip(model.weights, before):
+        np.testing.assert_array_equal(W, W0)
