@@ -143,9 +143,9 @@ class Engine:
         Ws, bs_ = tuple(m.weights), tuple(m.biases)
         order = np.ascontiguousarray(order, dtype=np.int64)
         opt, hyper, step, Ms, Vs, mbs, vbs = self._optimizer_args()
-        # The per-chunk kernels are compiled (or loaded from the cache) on their own
-        # and called through their addresses: (function, arguments after the chunk
-        # number) exactly as train_epoch packs them.
+        # The arguments of the two per-chunk kernels after the chunk number. Each is
+        # compiled (or loaded from the cache) on its own for exactly these types, and
+        # train_epoch calls it through its address.
         fb_args = (Ws, bs_, self.codes, self.loss_code, self.X, self.sparse, self.indptr,
                    self.indices, self.values, self.Y, order, self.batch, self.A0, self.Yb,
                    self.As, self.Ds, self.dWs, self.dbs, self.touched, self.tiny, self.top,
@@ -156,12 +156,9 @@ class Engine:
                            + native.address(epoch.update_share, (np.int64(0),) + up_args),
                            dtype=np.int64)
         total, correct, bad, done = epoch.train_epoch(
-            Ws, bs_, self.codes, self.loss_code, self.X, self.sparse,
-            self.indptr, self.indices, self.values, self.Y, order,
-            bs, b0, b1, float(lr), self.A0, self.Yb, self.As, self.Ds, self.dWs, self.dbs,
-            self.touched, self.tiny, self.top,
-            self.loss_parts, self.correct_parts, stop, opt, hyper, step, Ms, Vs, mbs, vbs,
-            self.sq_parts, kernels, self.batch, self.scalars, self.called)
+            fb_args, up_args, kernels, order, bs, b0, b1, float(lr), opt, hyper, step, stop,
+            self.batch, self.scalars, self.loss_parts, self.correct_parts, self.sq_parts,
+            self.called)
         if bad == epoch.WRONG_SIGNATURE:
             raise RuntimeError("fastmlp internal error: train_epoch packs arguments of other "
                                "types than the per-chunk kernels were compiled for")

@@ -247,24 +247,23 @@ KERNEL_FAILED, WRONG_SIGNATURE = -3, -2  # train_epoch's `bad` when a packed cal
 
 
 @njit(cache=True, error_model="numpy", nogil=True, parallel=PRANGE_ONLY)
-def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order, batch_size,
-                b0, b1, lr, A0, Yb, As, Ds, dWs, dbs, touched, tiny, top,
-                loss_parts, correct_parts, interrupt, opt, hyper, step, Ms, Vs, mbs, vbs, sq_parts,
-                kernels, batch, scalars, called):
+def train_epoch(forward_args, update_args, kernels, order, batch_size, b0, b1, lr, opt, hyper,
+                step, interrupt, batch, scalars, loss_parts, correct_parts, sq_parts, called):
     """Train batches b0..b1-1 of an epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] (the last may be partial).
 
-    opt is the optimiser's code; hyper holds (momentum, beta_1, beta_2, epsilon,
-    alpha) as float64; step[0] counts Adam's steps across calls; Ms/Vs and mbs/vbs
-    are the first and second moments of the weights and biases (an optimiser that
-    does not use them never reads or writes them, but they must have the
-    parameters' shapes: pass the parameters themselves). The summed loss includes the L2 term
-    alpha/2 * sum W^2 per batch, as scikit-learn reports it.
+    forward_args and update_args are the arguments after the chunk number of
+    chunk_forward_backward and of update_share; kernels holds the (address,
+    signature key) of each, compiled for exactly those argument types
+    (fastmlp.kernels.native.address). The other arrays are the ones those tuples
+    hold too: order, batch (int64, 2: the batch's start and size) and scalars (the
+    parameters' dtype, 9) written here for the kernels; loss_parts, correct_parts
+    and sq_parts (one per chunk) that they fill; called (bool, one per chunk) is a
+    workspace.
 
-    kernels holds the (address, signature key) of chunk_forward_backward and of
-    update_share compiled for these arguments (fastmlp.kernels.native.address);
-    batch (int64, 2), scalars (the parameters' dtype, 9) and called (bool, one
-    per chunk) are workspaces.
+    opt is the optimiser's code; hyper holds (momentum, beta_1, beta_2, epsilon,
+    alpha) as float64; step[0] counts Adam's steps across calls. The summed loss
+    includes the L2 term alpha/2 * sum W^2 per batch, as scikit-learn reports it.
 
     Returns (summed loss, number correct, bad, done): loss and accuracy from each
     batch's forward pass before its update; bad is the first batch whose loss is NaN
@@ -280,11 +279,8 @@ def train_epoch(Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order
     correct = 0
     # The kernels' long argument lists are packed once; each parallel loop passes
     # only the packed block and the chunk number (see fastmlp.kernels.native).
-    fb = pack_call(kernels[0], kernels[1], (
-        Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order, batch, A0, Yb, As, Ds,
-        dWs, dbs, touched, tiny, top, loss_parts, correct_parts))
-    up = pack_call(kernels[2], kernels[3], (Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms,
-                                            Vs, mbs, vbs, sq_parts))
+    fb = pack_call(kernels[0], kernels[1], forward_args)
+    up = pack_call(kernels[2], kernels[3], update_args)
     fb_tramp, fb_block, up_tramp, up_block = fb[0], fb[1], up[0], up[1]
     if fb_tramp == 0 or up_tramp == 0:
         return total, correct, WRONG_SIGNATURE, b0
