@@ -114,6 +114,11 @@ class Engine:
         self.dbs = tuple(np.zeros((T, b), dtype=dt) for b in sizes[1:])
         # Which rows of W_1 each chunk's sparse weight gradient wrote.
         self.touched = np.zeros((T, n_in), dtype=np.bool_)
+        # Each chunk's rows sorted by pixel (a CSC) for that weight gradient.
+        rows = -(-B // T) if self.sparse else 0
+        self.cptr = np.zeros((T, n_in + 1), dtype=np.int64)
+        self.crow = np.zeros((T, rows * n_in), dtype=np.int32)
+        self.cval = np.zeros((T, rows * n_in), dtype=dt)
         self.loss_parts = np.zeros(T, dtype=np.float64)
         self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)
@@ -148,7 +153,8 @@ class Engine:
         # train_epoch calls it through its address.
         fb_args = (Ws, bs_, self.codes, self.loss_code, self.X, self.sparse, self.indptr,
                    self.indices, self.values, self.Y, order, self.batch, self.A0, self.Yb,
-                   self.As, self.Ds, self.dWs, self.dbs, self.touched, self.tiny, self.top,
+                   self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr, self.crow,
+                   self.cval, self.tiny, self.top,
                    self.loss_parts, self.correct_parts)
         up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, opt, self.scalars,
                    Ms, Vs, mbs, vbs, self.sq_parts)

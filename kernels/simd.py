@@ -106,3 +106,38 @@ def sparse_combine_row(out, i, idx, val, q0, q1, M):
         for q in range(q0, q1):
             acc = acc + val[q] * M[idx[q], j]
         out[i, j] = acc
+
+
+@intrinsic
+def prefetch(typingctx, a, i):
+    """Ask the cache for the line holding a[i] (a 1-D array) ahead of its use; no
+    effect on results."""
+    if not isinstance(a, types.Array) or a.ndim != 1:
+        raise TypingError("prefetch: a must be a 1-D array")
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(a)(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = builder.bitcast(builder.gep(arr.data, [idx]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        # read, keep in all cache levels (locality 3), data cache
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.none(a, i), codegen
+
+
+@njit(cache=True, error_model="numpy")
+def prefetch_csr_row(indptr, indices, values, src):
+    """Prefetch row src of a CSR matrix (its column indices and values): rows of a
+    shuffled batch are scattered over the training set, and the hardware
+    prefetcher only catches on after a few lines of each."""
+    p0, p1 = indptr[src], indptr[src + 1]
+    step = 64 // indices.itemsize
+    for p in range(p0, p1, step):
+        prefetch(indices, p)
+    step = 64 // values.itemsize
+    for p in range(p0, p1, step):
+        prefetch(values, p)

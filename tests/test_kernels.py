@@ -182,6 +182,23 @@ def test_vectorised_math_accuracy():
     np.testing.assert_array_equal(out[:4], [-1, -1, 1, 1])
 
 
+def _scatter_weight_grad(indptr, indices, values, rows, r0, r1, D, dW):
+    """The sparse weight gradient the plain way: each nonzero added into its row of
+    dW, in row order (the order weight_grad_sparse promises)."""
+    from numba import njit
+
+    @njit(fastmath={"contract"})
+    def scatter(indptr, indices, values, rows, r0, r1, D, dW):
+        seen = np.zeros(dW.shape[0], np.bool_)
+        for r in range(r0, r1):
+            for p in range(indptr[rows[r]], indptr[rows[r] + 1]):
+                k, x = indices[p], values[p]
+                for j in range(dW.shape[1]):
+                    dW[k, j] = dW[k, j] + x * D[r, j] if seen[k] else x * D[r, j]
+                seen[k] = True
+    scatter(indptr, indices, values, rows, r0, r1, D, dW)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weight_grad_sparse(dtype):
     from fastmlp.kernels import epoch
@@ -195,11 +212,20 @@ def test_weight_grad_sparse(dtype):
         db = np.empty(n_out, dtype)
         touched = np.zeros(n_in, np.bool_)
         r0, r1 = B // 4, B
-        epoch.weight_grad_sparse(indptr, indices, values, rows, r0, r1, D, dW, db, touched)
+        # Workspaces dirty on purpose: the kernel must not depend on their contents.
+        cptr = np.full(n_in + 1, 7, np.int64)
+        crow = np.full((r1 - r0) * n_in, 3, np.int32)
+        cval = np.full((r1 - r0) * n_in, np.nan, dtype)
+        epoch.weight_grad_sparse(indptr, indices, values, rows, r0, r1, D, dW, db, touched,
+                                 cptr, crow, cval)
         Xb = X[rows[r0:r1]]
         np.testing.assert_array_equal(touched, (Xb != 0).any(axis=0))
+        assert np.isnan(dW[~touched]).all()     # untouched rows are not written
         np.testing.assert_allclose(dW[touched], (Xb.T @ D[r0:r1])[touched], **TOL[dtype])
         np.testing.assert_allclose(db, D[r0:r1].sum(axis=0), **TOL[dtype])
+        ref = np.full_like(dW, np.nan)
+        _scatter_weight_grad(indptr, indices, values, rows, r0, r1, D, ref)
+        np.testing.assert_array_equal(dW[touched], ref[touched])   # same sums, same order
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
