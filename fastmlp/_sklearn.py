@@ -176,8 +176,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                 f"{[self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]}, this fit "
                 f"needs {layer_units}; refit from scratch (warm_start=False)")
         model = self._model()
-        # fastmlp's own input check: the cast to the parameters' dtype must stay finite.
-        X = model.check_input(X)
+        # validate_data has found X finite; a cast to another dtype (float64 input,
+        # float32 parameters) must stay finite too: fastmlp's own input check.
+        X = model.check_input(X) if X.dtype != model.dtype else np.ascontiguousarray(X)
         if self.solver in ("sgd", "adam"):
             self._fit_stochastic(model, X, Y, incremental)
         else:

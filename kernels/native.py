@@ -23,6 +23,8 @@ each process asks its own numba for them (address()).
 """
 import zlib
 
+import numpy as np
+
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -114,11 +116,34 @@ def call_packed(typingctx, tramp, block, t):
     return types.boolean(tramp, block, t), codegen
 
 
+_ADDRESSES = {}
+
+
+def _type_key(v):
+    # At least as fine as numba's type of v for the values the Engine passes
+    # (arrays, tuples of them, Python and NumPy scalars), and 50x cheaper than
+    # numba.typeof over the epoch's ~45 arguments (1 ms a call).
+    if isinstance(v, tuple):
+        return (tuple,) + tuple(_type_key(x) for x in v)
+    if isinstance(v, np.ndarray):
+        f = v.flags
+        return (np.ndarray, v.dtype.str, v.ndim, f.c_contiguous, f.f_contiguous, f.writeable,
+                f.aligned)
+    return (type(v),)
+
+
 def address(dispatcher, args):
     """(address, key) of the njit function dispatcher compiled for the types of
-    the values args (compiled now, or loaded from numba's cache), for pack_call."""
-    import numba
-    sig = tuple(numba.typeof(a) for a in args)
-    dispatcher.compile(sig)
-    cres = dispatcher.overloads[sig]
-    return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), signature_key(sig)
+    the values args (compiled now, or loaded from numba's cache), for pack_call.
+    Remembered for the rest of the process, per dispatcher and argument types."""
+    memo = (dispatcher, _type_key(args))
+    found = _ADDRESSES.get(memo)
+    if found is None:
+        import numba
+        sig = tuple(numba.typeof(a) for a in args)
+        dispatcher.compile(sig)
+        cres = dispatcher.overloads[sig]
+        found = (cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name),
+                 signature_key(sig))
+        _ADDRESSES[memo] = found
+    return found

@@ -97,3 +97,15 @@ def test_engine_refuses_kernels_compiled_for_other_types(monkeypatch):
         trainer.fit(X, np.arange(8) % 3, epochs=1)
     for W, W0 in zip(model.weights, before):
         np.testing.assert_array_equal(W, W0)
+
+
+def test_address_is_remembered_per_argument_types():
+    X = np.ones((3, 4), np.float64)
+    first = native.address(_axpy_row, (np.int64(0), 2.0, X, X.copy()))
+    assert native.address(_axpy_row, (np.int64(1), 3.0, X + 1, X.copy())) == first
+    # Another dtype or layout is another compiled kernel, with another key.
+    other = native.address(_axpy_row, (np.int64(0), 2.0, X.astype(np.float32),
+                                       X.astype(np.float32)))
+    strided = native.address(_axpy_row, (np.int64(0), 2.0, X[:, ::2], X.copy()[:, ::2]))
+    assert len({first[1], other[1], strided[1]}) == 3
+    assert len({first[0], other[0], strided[0]}) == 3
