@@ -33,9 +33,20 @@ from numba import njit, prange
 
 from .fpenv import flush_subnormals, restore_fp_state
 from .native import call_packed, pack_call
-from .simd import sparse_combine_row
+from .simd import sparse_combine_row, sparse_scatter_row
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
                     csr_matmul_rows, matmul_rows, output_delta_rows, weight_grad_rows)
+
+
+# Widest layer whose sparse weight gradient scatters (weight_grad_scatter); wider
+# ones sum a per-chunk CSC (weight_grad_csc). One MNIST epoch of first-layer weight
+# gradients after the forward products, one thread, AMD EPYC (Zen 5), seconds,
+# scatter against CSC, by units (rows per chunk):
+#   16 (32) 0.025 / 0.044, 32 (16) 0.026 / 0.054, 32 (32) 0.024 / 0.043,
+#   48 (50) 0.043 / 0.049, 64 (50) 0.037 / 0.044, 64 (100) 0.034 / 0.044,
+#   96 (100) 0.052 / 0.049, 100 (100) 0.089 / 0.054, 128 (100) 0.062 / 0.063
+# (100 units leave 4 columns past the last 8-lane vector, added one by one).
+SCATTER_MAX_UNITS = 64
 
 
 @njit(cache=True, error_model="numpy")
@@ -46,19 +57,43 @@ def weight_grad_sparse(indptr, indices, values, rows, r0, r1, D, dW, db, touched
     dW[k] = sum of x D[r] over the nonzeros x = X[rows[r], k], in ascending r
     (deterministic), for every pixel k nonzero in some row r0..r1-1; other rows
     of dW are not written: touched[k] = False says so, and their gradient is
-    exactly zero. db = column sums of D.
+    exactly zero. db = column sums of D. Both ways below add the same products in
+    the same order (the same bits); SCATTER_MAX_UNITS picks the faster one.
+    """
+    if dW.shape[1] <= SCATTER_MAX_UNITS:
+        weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touched)
+    else:
+        weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, cptr, crow,
+                        cval)
 
-    The chunk's rows are first sorted by pixel (a counting sort into the
-    workspaces cptr (n_in + 1), crow and cval (at least (r1 - r0) * n_in), a CSC
-    of the chunk), so that each dW[k] is summed in vector registers from the rows
-    of D, which stay in L1, and written once. Scattering each nonzero into its
-    row of dW instead (the same sums in the same order, so the same bits) reads
-    and writes dW's row for every nonzero. One MNIST epoch of first-layer forward
-    products and weight gradients, one thread, batch chunks of 100, on an Intel
-    Xeon (2 MiB L2): 0.142 against 0.171 s (100 units), 0.075 against 0.084 s (32
-    units). On the AMD Zen 3 machine of earlier sessions the scatter was the faster
-    one (0.172 against 0.211 s at 100 units, with a slower CSC build and combine
-    than these).
+
+@njit(cache=True, error_model="numpy")
+def weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touched):
+    """weight_grad_sparse by adding each nonzero x = X[rows[r], k] times D[r] into
+    dW[k], row after row; D[r] stays in vector registers while its row's
+    nonzeros are added (kernels/simd.py's sparse_scatter_row), and a row of dW
+    seen for the first time is written, not added to."""
+    for k in range(dW.shape[0]):
+        touched[k] = False
+    for r in range(r0, r1):
+        src = rows[r]
+        p0, p1 = indptr[src], indptr[src + 1]
+        sparse_scatter_row(dW, touched, D, r, indices, values, p0, p1)
+        for p in range(p0, p1):
+            touched[indices[p]] = True
+    column_sums_rows(D, db, r0, r1)
+
+
+@njit(cache=True, error_model="numpy")
+def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, cptr, crow,
+                    cval):
+    """weight_grad_sparse by first sorting the chunk's rows by pixel (a counting
+    sort into the workspaces cptr (n_in + 1), crow and cval (at least (r1 - r0) *
+    n_in), a CSC of the chunk), so that each dW[k] is summed in vector registers
+    from the rows of D, which stay in L1, and written once. For wide layers this
+    beats reading and writing dW's row for every nonzero (the scatter): one MNIST
+    epoch of first-layer forward products and weight gradients, one thread, batch
+    chunks of 100, on an Intel Xeon (2 MiB L2): 0.142 against 0.171 s (100 units).
     """
     n_in = dW.shape[0]
     for k in range(n_in + 1):

@@ -141,3 +141,96 @@ def prefetch_csr_row(indptr, indices, values, src):
     step = 64 // values.itemsize
     for p in range(p0, p1, step):
         prefetch(values, p)
+
+
+def _scatter_intrinsic(n_vec):
+    @intrinsic
+    def scatter_tile(typingctx, dW, touched, D, r, j0, idx, val, q0, q1):
+        for name, a, nd in (("dW", dW, 2), ("D", D, 2), ("idx", idx, 1), ("val", val, 1),
+                            ("touched", touched, 1)):
+            if not isinstance(a, types.Array) or a.ndim != nd or a.layout != "C":
+                raise TypingError(f"scatter_tile: {name} must be a C-contiguous {nd}-D array")
+        if touched.dtype != types.boolean:
+            raise TypingError("scatter_tile: touched must be a bool array")
+        if dW.dtype != D.dtype or val.dtype != D.dtype or D.dtype not in (types.float32, types.float64):
+            raise TypingError("scatter_tile: dW, val and D must share a float dtype")
+        sig = types.none(dW, touched, D, r, j0, idx, val, q0, q1)
+
+        def codegen(context, builder, signature, args):
+            dW_t, tc_t, D_t, _, _, idx_t, val_t, _, _ = signature.args
+            g = context.make_array(dW_t)(context, builder, args[0])
+            tc = context.make_array(tc_t)(context, builder, args[1])
+            d = context.make_array(D_t)(context, builder, args[2])
+            ix = context.make_array(idx_t)(context, builder, args[5])
+            vl = context.make_array(val_t)(context, builder, args[6])
+            intp = context.get_value_type(types.intp)
+            r_, j0_, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
+                                 for n in (3, 4, 7, 8))
+            fty = context.get_value_type(D_t.dtype)
+            lanes = VECTOR_BYTES // (D_t.dtype.bitwidth // 8)
+            vty = ir.VectorType(fty, lanes)
+            align = D_t.dtype.bitwidth // 8
+            zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * lanes)
+            suffix = f"v{lanes}f{D_t.dtype.bitwidth}"
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                                 f"llvm.fma.{suffix}")
+            g_cols = cgutils.unpack_tuple(builder, g.shape)[1]
+            d_cols = cgutils.unpack_tuple(builder, d.shape)[1]
+            # D's row stays in registers for the whole run of nonzeros.
+            drow = builder.gep(d.data, [builder.add(builder.mul(r_, d_cols), j0_)])
+            dv = []
+            for v in range(n_vec):
+                p = builder.bitcast(builder.gep(drow, [ir.Constant(intp, v * lanes)]), vty.as_pointer())
+                dv.append(builder.load(p, align=align))
+            splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+            with cgutils.for_range_slice(builder, q0_, q1_, ir.Constant(intp, 1)) as (q, _):
+                k = builder.load(builder.gep(ix.data, [q]))
+                k = builder.sext(k, intp) if k.type.width < intp.width else k
+                x = builder.load(builder.gep(vl.data, [q]))
+                xv = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+                xv = builder.shuffle_vector(xv, ir.Constant(vty, ir.Undefined), splat_mask)
+                seen = builder.icmp_unsigned("!=", builder.load(builder.gep(tc.data, [k])),
+                                             ir.Constant(ir.IntType(8), 0))
+                row = builder.gep(g.data, [builder.add(builder.mul(k, g_cols), j0_)])
+                for v in range(n_vec):
+                    p = builder.bitcast(builder.gep(row, [ir.Constant(intp, v * lanes)]), vty.as_pointer())
+                    # A select, not a branch: whether a row was seen before is close to a
+                    # coin toss early in a batch. Stale contents are never multiplied.
+                    base = builder.select(seen, builder.load(p, align=align), zero)
+                    builder.store(builder.call(fma, [xv, dv[v], base]), p, align=align)
+            return context.get_dummy_value()
+        return sig, codegen
+    return scatter_tile
+
+
+scatter_tile8 = _scatter_intrinsic(8)
+scatter_tile4 = _scatter_intrinsic(4)
+scatter_tile1 = _scatter_intrinsic(1)
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def sparse_scatter_row(dW, touched, D, r, idx, val, q0, q1):
+    """dW[idx[q]] = (dW[idx[q]] if touched[idx[q]] else 0) + val[q] * D[r] for q in
+    q0..q1-1 (one fused multiply-add per number, D's row held in registers); the
+    indices idx[q0:q1] must be distinct, and touched is read, not written: the
+    caller marks the rows once the whole run is added."""
+    n_out = D.shape[1]
+    lanes = VECTOR_BYTES // D.itemsize
+    j0 = 0
+    while j0 + 8 * lanes <= n_out:
+        scatter_tile8(dW, touched, D, r, j0, idx, val, q0, q1)
+        j0 += 8 * lanes
+    while j0 + 4 * lanes <= n_out:
+        scatter_tile4(dW, touched, D, r, j0, idx, val, q0, q1)
+        j0 += 4 * lanes
+    while j0 + lanes <= n_out:
+        scatter_tile1(dW, touched, D, r, j0, idx, val, q0, q1)
+        j0 += lanes
+    if j0 < n_out:
+        zero = D.dtype.type(0)
+        for q in range(q0, q1):
+            k = idx[q]
+            x = val[q]
+            seen = touched[k]
+            for j in range(j0, n_out):
+                dW[k, j] = (dW[k, j] if seen else zero) + x * D[r, j]

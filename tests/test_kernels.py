@@ -199,25 +199,31 @@ def _scatter_weight_grad(indptr, indices, values, rows, r0, r1, D, dW):
     scatter(indptr, indices, values, rows, r0, r1, D, dW)
 
 
+@pytest.mark.parametrize("way", ["weight_grad_sparse", "weight_grad_scatter", "weight_grad_csc"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_weight_grad_sparse(dtype):
+def test_weight_grad_sparse(dtype, way):
     from fastmlp.kernels import epoch
     rng = np.random.default_rng(13)
-    for (n_in, n_out), B in itertools.product(SIZES, BATCHES):
+    # Widths on both sides of SCATTER_MAX_UNITS, and past the last whole vector.
+    sizes = SIZES + [(50, 100), (30, 129), (20, 65)]
+    for (n_in, n_out), B in itertools.product(sizes, BATCHES):
         X = sparse_input(rng, (B + 9, n_in), dtype)
         indptr, indices, values = to_csr(X)
         rows = rng.permutation(B + 9)[:B].astype(np.int64)
         D = rand(rng, (B, n_out), dtype)
         dW = np.full((n_in, n_out), np.nan, dtype)
         db = np.empty(n_out, dtype)
-        touched = np.zeros(n_in, np.bool_)
+        touched = np.ones(n_in, np.bool_)             # stale flags from an earlier batch
         r0, r1 = B // 4, B
         # Workspaces dirty on purpose: the kernel must not depend on their contents.
         cptr = np.full(n_in + 1, 7, np.int64)
         crow = np.full((r1 - r0) * n_in, 3, np.int32)
         cval = np.full((r1 - r0) * n_in, np.nan, dtype)
-        epoch.weight_grad_sparse(indptr, indices, values, rows, r0, r1, D, dW, db, touched,
-                                 cptr, crow, cval)
+        if way == "weight_grad_scatter":
+            epoch.weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touched)
+        else:
+            getattr(epoch, way)(indptr, indices, values, rows, r0, r1, D, dW, db, touched,
+                                cptr, crow, cval)
         Xb = X[rows[r0:r1]]
         np.testing.assert_array_equal(touched, (Xb != 0).any(axis=0))
         assert np.isnan(dW[~touched]).all()     # untouched rows are not written
@@ -226,6 +232,39 @@ def test_weight_grad_sparse(dtype):
         ref = np.full_like(dW, np.nan)
         _scatter_weight_grad(indptr, indices, values, rows, r0, r1, D, ref)
         np.testing.assert_array_equal(dW[touched], ref[touched])   # same sums, same order
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_scatter_row_tiles(dtype, index_dtype):
+    """Every output width (64/32/8-lane tiles and the columns past them) against a
+    plain scalar loop: rows seen before are added to, the others overwritten, rows
+    not indexed left alone."""
+    from numba import njit
+    from fastmlp.kernels.simd import sparse_scatter_row
+
+    @njit(fastmath={"contract"})
+    def scalar(dW, touched, D, r, idx, val, q0, q1):
+        for q in range(q0, q1):
+            k = idx[q]
+            for j in range(D.shape[1]):
+                dW[k, j] = (dW[k, j] if touched[k] else dW.dtype.type(0)) + val[q] * D[r, j]
+    rng = np.random.default_rng(22)
+    for n_out in list(range(1, 70)) + [100, 129, 512]:
+        D = rand(rng, (5, n_out), dtype)
+        idx = rng.permutation(40)[:23].astype(index_dtype)
+        val = rand(rng, 23, dtype)
+        touched = rng.random(40) < 0.5
+        for q0, q1 in ((0, 23), (5, 6), (7, 7)):
+            dW = rand(rng, (40, n_out), dtype)
+            dW[~touched] = np.nan                        # never read where not touched
+            ref = dW.copy()
+            sparse_scatter_row(dW, touched, D, 3, idx, val, q0, q1)
+            scalar(ref, touched, D, 3, idx, val, q0, q1)
+            np.testing.assert_array_equal(dW, ref)
+            hit = np.zeros(40, bool)
+            hit[idx[q0:q1]] = True
+            assert not np.isnan(dW[hit]).any()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
