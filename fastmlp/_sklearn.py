@@ -283,6 +283,14 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                         f"infinite at epoch {self.n_iter_ + 1}, batch {bad + 1} of {n_batches}. "
                         f"The input data may contain large values and need to be preprocessed, "
                         f"or learning_rate_init={self.learning_rate_init:g} is too high.")
+                # An update that overflows is seen by the next batch's loss, or after the
+                # epoch's last batch, only in the weights (scikit-learn checks them too).
+                if not all(np.isfinite(p).all() for p in model.weights + model.biases):
+                    raise ValueError(
+                        f"Solver produced non-finite parameter weights: they became NaN or "
+                        f"infinite in epoch {self.n_iter_ + 1}'s last update. The input data "
+                        f"may contain large values and need to be preprocessed, or "
+                        f"learning_rate_init={self.learning_rate_init:g} is too high.")
                 if interrupt.interrupted:
                     warnings.warn("Training interrupted by user.")
                     break

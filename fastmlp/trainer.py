@@ -258,6 +258,12 @@ class Trainer:
                     state.correct += c
                     if bad >= 0:
                         self._diverged(state.epoch, bad, n_batches, b0, snapshot)
+                    # The loss only sees the weights before each update: an update that
+                    # overflows shows up at the next batch's loss, or, after the last
+                    # batch trained here, nowhere but in the weights themselves.
+                    if done > b0 and not self._params_finite():
+                        self._diverged(state.epoch, done - 1, n_batches, b0, snapshot,
+                                       after_update=True)
                     if on_progress is not None and done > b0:
                         on_progress(min(done * bs, n) - b0 * bs)
                     b0 = state.next_batch = done
@@ -287,17 +293,22 @@ class Trainer:
         raise TrainingInterrupted(f"interrupted at {where}; the model holds the weights "
                                   "trained so far")
 
-    def _diverged(self, epoch, bad, n_batches, b0, snapshot):
-        # The bad batch's update was not applied. If an earlier update had already
-        # overflowed a weight, go back to the last state known finite.
+    def _params_finite(self):
+        return all(np.isfinite(p).all() for p in self.model.weights + self.model.biases)
+
+    def _diverged(self, epoch, bad, n_batches, b0, snapshot, after_update=False):
+        # The bad batch's update was not applied (or, after_update, it was and made a
+        # weight NaN or infinite). If a weight is not finite, go back to the last state
+        # known finite.
         params = self.model.weights + self.model.biases
         kept = f"the weights from before batch {bad + 1}"
-        if not all(np.isfinite(p).all() for p in params):
+        if not self._params_finite():
             for p, s in zip(params, snapshot):
                 p[...] = s
             kept = f"the last finite weights (from before batch {b0 + 1})"
+        what = "the weights became" if after_update else "the loss became"
         raise TrainingDiverged(
-            f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, batch "
+            f"training diverged: {what} NaN or infinite at epoch {epoch + 1}, batch "
             f"{bad + 1} of {n_batches}; the model keeps {kept}. Try a lower learning rate "
             f"(lr={self.lr:g}).")
 

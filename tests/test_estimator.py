@@ -227,3 +227,13 @@ def test_import_fastmlp_does_not_import_sklearn():
     code = "import sys, fastmlp; assert 'sklearn' not in sys.modules; print('ok')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_overflow_in_an_epochs_last_update_raises(backend):
+    # One batch an epoch: every update is an epoch's last, seen by no later loss.
+    X = np.array([[3.3e38, 0, 0, 0]] * 2, dtype=np.float32)
+    clf = MLPClassifier(hidden_layer_sizes=(5,), solver="sgd", learning_rate_init=1e3,
+                        max_iter=1, random_state=0, backend=backend)
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match="last update"):
+        clf.fit(X, [0, 1])

@@ -168,3 +168,18 @@ def test_divergence_stops_with_finite_weights():
             with np.errstate(over="ignore", invalid="ignore"):
                 tr.fit(X, y.astype(float)[:, None] * 1e3, epochs=50)
         assert all(np.isfinite(p).all() for p in model.weights + model.biases)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_overflow_in_the_last_update_is_divergence(backend):
+    # One row, one batch an epoch: the update that overflows a weight is the last
+    # one, and no later loss sees it; fit must still not return infinite weights.
+    X = np.array([[3.3e38, 0, 0, 0]], dtype=np.float32)
+    model = fastmlp.MLP([4, 5, 3], ["relu", "softmax"], seed=0)
+    W0 = [W.copy() for W in model.weights]
+    tr = fastmlp.Trainer(model, "cross_entropy", lr=1e3, batch_size=4, seed=0, backend=backend)
+    with np.errstate(all="ignore"), pytest.raises(fastmlp.TrainingDiverged, match="weights became"):
+        tr.fit(X, [0], epochs=1)
+    assert all(np.isfinite(p).all() for p in model.weights + model.biases)
+    for W, W_0 in zip(model.weights, W0):
+        np.testing.assert_array_equal(W, W_0)
