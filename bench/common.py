@@ -43,6 +43,44 @@ def gemm_rate(threads=None, n=1024, repeats=7):
     return 2 * n ** 3 / best / 1e9
 
 
+AVX512 = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")  # what SkylakeX uses
+
+
+def openblas_below_cpu():
+    """True where the CPU has AVX-512 (as LLVM reads it: the OS saves its registers)
+    but a loaded OpenBLAS runs AVX2 kernels, because it did not recognise the CPU
+    or because OPENBLAS_CORETYPE says so (this workplace's machines set
+    OPENBLAS_CORETYPE=Haswell in the environment)."""
+    try:
+        import llvmlite.binding as llvm
+        from threadpoolctl import threadpool_info
+        features = llvm.get_host_cpu_features()
+        cores = {(i.get("architecture") or "").lower() for i in threadpool_info()
+                 if i.get("internal_api") == "openblas"}
+    except Exception:  # pragma: no cover
+        return False
+    return all(features.get(f, False) for f in AVX512) and bool(cores) and \
+        cores <= {"haswell", "zen", "sandybridge"}
+
+
+def gemm_rates(threads=None):
+    """{label: GFLOP/s} of NumPy's float32 GEMM as this process runs it and, where
+    openblas_below_cpu(), as it runs with OPENBLAS_CORETYPE=SkylakeX (measured in a
+    new process: OpenBLAS reads the variable only when it loads). The kernels issue
+    asks for the rate both ways; % of GEMM is taken against the best."""
+    rates = {"as loaded": gemm_rate(threads)}
+    if openblas_below_cpu():
+        import subprocess
+        import sys
+        env = dict(os.environ, OPENBLAS_CORETYPE="SkylakeX")
+        code = f"from bench import common; print(common.gemm_rate({threads!r}))"
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, check=True,
+                             capture_output=True, text=True).stdout
+        rates["OPENBLAS_CORETYPE=SkylakeX"] = float(out.strip().splitlines()[-1])
+    return rates
+
+
 def _timed(f):
     t = time.perf_counter()
     f()
@@ -60,7 +98,7 @@ def versions():
         blas = []
     return {"fastmlp": fastmlp.__version__, "numpy": np.__version__, "numba": numba.__version__,
             "python": platform.python_version(), "cpu": cpu_name(), "cores": os.cpu_count(),
-            "blas": blas}
+            "blas": blas, "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
 
 
 def cpu_name():

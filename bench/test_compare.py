@@ -14,6 +14,7 @@ def test_compare_writes_table_json_and_chart(tmp_path, capsys):
     md = next(tmp_path.glob("*.md")).read_text()
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert next(tmp_path.glob("*.png")).stat().st_size > 1000
+    assert data["gemm_gflops"] == max(data["gemm_gflops_ways"].values()) > 0
     ok = {r["peer"]: r for r in data["rows"] if r["status"] == "ok"}
     assert ok["fastmlp (numba)"]["test_accuracy"] > 0.9
     assert ok["fastmlp (numba)"]["fastmlp_speedup"] == pytest.approx(1.0)

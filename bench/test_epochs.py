@@ -30,11 +30,12 @@ def record(benchmark, name, backend, threads, samples, gemm, versions):
     best = benchmark.stats.stats.min if benchmark.stats else None
     info = {"config": name, "backend": backend, "threads": threads or "all", "dtype": "float32",
             "batch_size": bs, "samples": samples, "gemm_gflops_1_thread": round(gemm["1"], 1),
-            "gemm_gflops_all_threads": round(gemm["all"], 1), "versions": versions}
+            "gemm_gflops_all_threads": round(gemm["all"], 1), "gemm_gflops_ways": gemm["ways"],
+            "versions": versions}
     if best:
         info["samples_per_second"] = samples / best
         info["gflops"] = samples * common.train_flops_per_sample(sizes) / best / 1e9
-        info["percent_of_gemm"] = 100 * info["gflops"] / gemm["all"]
+        info["percent_of_gemm"] = 100 * info["gflops"] / gemm["1" if threads == 1 else "all"]
     benchmark.extra_info.update(info)
 
 
