@@ -333,6 +333,11 @@ def seed002_row(X, y, Xt, yt, threads):
 def write(args, rows, seed002, gemm, estimators=(), gemm_ways=None):
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{socket.gethostname()}-{datetime.date.today().isoformat()}")
+    # Another run the same day (on another machine of the same name) is kept: -2, -3...
+    base, n = stem, 1
+    while os.path.exists(stem + ".json"):
+        n += 1
+        stem = f"{base}-{n}"
     v = common.versions()
     result = {"machine": v, "threads": args.threads, "epochs": args.epochs, "gemm_gflops": gemm, "gemm_gflops_ways": gemm_ways,
               "rows": rows, "seed002": seed002, "seed002_published": SEED002_PUBLISHED,
