@@ -20,14 +20,69 @@ from numba.extending import intrinsic
 VECTOR_BYTES = 32          # AVX2
 
 
+def _check_arrays(fname, arrays, floats):
+    """Typing-time checks shared by the intrinsics: arrays is (name, type, ndim);
+    floats names the arrays that must share one float dtype."""
+    for name, a, nd in arrays:
+        if not isinstance(a, types.Array) or a.ndim != nd or a.layout != "C":
+            raise TypingError(f"{fname}: {name} must be a C-contiguous {nd}-D array")
+    kinds = {a.dtype for name, a, _ in arrays if name in floats}
+    if len(kinds) != 1 or kinds.pop() not in (types.float32, types.float64):
+        raise TypingError(f"{fname}: {', '.join(floats)} must share a float dtype")
+
+
+class _Vectors:
+    """The vector type of a float dtype (VECTOR_BYTES wide), its zero and fma."""
+
+    def __init__(self, context, builder, dtype):
+        self.intp = context.get_value_type(types.intp)
+        fty = context.get_value_type(dtype)
+        self.lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+        self.vty = ir.VectorType(fty, self.lanes)
+        self.align = dtype.bitwidth // 8
+        self.zero = ir.Constant(self.vty, [ir.Constant(fty, 0.0)] * self.lanes)
+        self.fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vty, [self.vty] * 3),
+            f"llvm.fma.v{self.lanes}f{dtype.bitwidth}")
+        self.builder = builder
+
+    def ptr(self, base, v):
+        """Pointer to the v-th vector from the float pointer base."""
+        b = self.builder
+        return b.bitcast(b.gep(base, [ir.Constant(self.intp, v * self.lanes)]), self.vty.as_pointer())
+
+    def splat(self, x):
+        b = self.builder
+        i32 = ir.IntType(32)
+        xv = b.insert_element(ir.Constant(self.vty, ir.Undefined), x, ir.Constant(i32, 0))
+        return b.shuffle_vector(xv, ir.Constant(self.vty, ir.Undefined),
+                                ir.Constant(ir.VectorType(i32, self.lanes), [0] * self.lanes))
+
+    def nonzeros(self, ix, vl, q0, q1):
+        """Loop over q in q0..q1-1 yielding (idx[q] as intp, val[q] splatted)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def loop():
+            b = self.builder
+            with cgutils.for_range_slice(b, q0, q1, ir.Constant(self.intp, 1)) as (q, _):
+                k = b.load(b.gep(ix.data, [q]))
+                k = b.sext(k, self.intp) if k.type.width < self.intp.width else k
+                yield k, self.splat(b.load(b.gep(vl.data, [q])))
+        return loop()
+
+
+def _row_ptr(builder, arr, row, col):
+    """Pointer to arr[row, col] of a C-contiguous 2-D array."""
+    cols = cgutils.unpack_tuple(builder, arr.shape)[1]
+    return builder.gep(arr.data, [builder.add(builder.mul(row, cols), col)])
+
+
 def _tile_intrinsic(n_vec):
     @intrinsic
     def combine_tile(typingctx, out, i, j0, idx, val, q0, q1, M):
-        for name, a, nd in (("out", out, 2), ("M", M, 2), ("idx", idx, 1), ("val", val, 1)):
-            if not isinstance(a, types.Array) or a.ndim != nd or a.layout != "C":
-                raise TypingError(f"combine_tile: {name} must be a C-contiguous {nd}-D array")
-        if out.dtype != M.dtype or val.dtype != M.dtype or M.dtype not in (types.float32, types.float64):
-            raise TypingError("combine_tile: out, val and M must share a float dtype")
+        _check_arrays("combine_tile", (("out", out, 2), ("M", M, 2), ("idx", idx, 1),
+                                       ("val", val, 1)), ("out", "val", "M"))
         sig = types.none(out, i, j0, idx, val, q0, q1, M)
 
         def codegen(context, builder, signature, args):
@@ -36,35 +91,18 @@ def _tile_intrinsic(n_vec):
             ix = context.make_array(idx_t)(context, builder, args[3])
             vl = context.make_array(val_t)(context, builder, args[4])
             m = context.make_array(M_t)(context, builder, args[7])
-            intp = context.get_value_type(types.intp)
             i_, j0_, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
                                  for n in (1, 2, 5, 6))
-            fty = context.get_value_type(M_t.dtype)
-            lanes = VECTOR_BYTES // (M_t.dtype.bitwidth // 8)
-            vty = ir.VectorType(fty, lanes)
-            zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * lanes)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(n_vec)]
-            suffix = f"v{lanes}f{M_t.dtype.bitwidth}"
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                                 f"llvm.fma.{suffix}")
-            m_cols = cgutils.unpack_tuple(builder, m.shape)[1]
-            o_cols = cgutils.unpack_tuple(builder, o.shape)[1]
-            splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-            with cgutils.for_range_slice(builder, q0_, q1_, ir.Constant(intp, 1)) as (q, _):
-                k = builder.load(builder.gep(ix.data, [q]))
-                k = builder.sext(k, intp) if k.type.width < intp.width else k
-                x = builder.load(builder.gep(vl.data, [q]))
-                xv = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-                xv = builder.shuffle_vector(xv, ir.Constant(vty, ir.Undefined), splat_mask)
-                row = builder.gep(m.data, [builder.add(builder.mul(k, m_cols), j0_)])
+            vec = _Vectors(context, builder, M_t.dtype)
+            accs = [cgutils.alloca_once_value(builder, vec.zero) for _ in range(n_vec)]
+            with vec.nonzeros(ix, vl, q0_, q1_) as (k, xv):
+                row = _row_ptr(builder, m, k, j0_)
                 for v in range(n_vec):
-                    p = builder.bitcast(builder.gep(row, [ir.Constant(intp, v * lanes)]), vty.as_pointer())
-                    w = builder.load(p, align=M_t.dtype.bitwidth // 8)
-                    builder.store(builder.call(fma, [xv, w, builder.load(accs[v])]), accs[v])
-            dst = builder.gep(o.data, [builder.add(builder.mul(i_, o_cols), j0_)])
+                    w = builder.load(vec.ptr(row, v), align=vec.align)
+                    builder.store(builder.call(vec.fma, [xv, w, builder.load(accs[v])]), accs[v])
+            dst = _row_ptr(builder, o, i_, j0_)
             for v in range(n_vec):
-                p = builder.bitcast(builder.gep(dst, [ir.Constant(intp, v * lanes)]), vty.as_pointer())
-                builder.store(builder.load(accs[v]), p, align=M_t.dtype.bitwidth // 8)
+                builder.store(builder.load(accs[v]), vec.ptr(dst, v), align=vec.align)
             return context.get_dummy_value()
         return sig, codegen
     return combine_tile
@@ -146,14 +184,11 @@ def prefetch_csr_row(indptr, indices, values, src):
 def _scatter_intrinsic(n_vec):
     @intrinsic
     def scatter_tile(typingctx, dW, touched, D, r, j0, idx, val, q0, q1):
-        for name, a, nd in (("dW", dW, 2), ("D", D, 2), ("idx", idx, 1), ("val", val, 1),
-                            ("touched", touched, 1)):
-            if not isinstance(a, types.Array) or a.ndim != nd or a.layout != "C":
-                raise TypingError(f"scatter_tile: {name} must be a C-contiguous {nd}-D array")
+        _check_arrays("scatter_tile", (("dW", dW, 2), ("D", D, 2), ("idx", idx, 1),
+                                       ("val", val, 1), ("touched", touched, 1)),
+                      ("dW", "val", "D"))
         if touched.dtype != types.boolean:
             raise TypingError("scatter_tile: touched must be a bool array")
-        if dW.dtype != D.dtype or val.dtype != D.dtype or D.dtype not in (types.float32, types.float64):
-            raise TypingError("scatter_tile: dW, val and D must share a float dtype")
         sig = types.none(dW, touched, D, r, j0, idx, val, q0, q1)
 
         def codegen(context, builder, signature, args):
@@ -163,41 +198,22 @@ def _scatter_intrinsic(n_vec):
             d = context.make_array(D_t)(context, builder, args[2])
             ix = context.make_array(idx_t)(context, builder, args[5])
             vl = context.make_array(val_t)(context, builder, args[6])
-            intp = context.get_value_type(types.intp)
             r_, j0_, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
                                  for n in (3, 4, 7, 8))
-            fty = context.get_value_type(D_t.dtype)
-            lanes = VECTOR_BYTES // (D_t.dtype.bitwidth // 8)
-            vty = ir.VectorType(fty, lanes)
-            align = D_t.dtype.bitwidth // 8
-            zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * lanes)
-            suffix = f"v{lanes}f{D_t.dtype.bitwidth}"
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
-                                                 f"llvm.fma.{suffix}")
-            g_cols = cgutils.unpack_tuple(builder, g.shape)[1]
-            d_cols = cgutils.unpack_tuple(builder, d.shape)[1]
+            vec = _Vectors(context, builder, D_t.dtype)
             # D's row stays in registers for the whole run of nonzeros.
-            drow = builder.gep(d.data, [builder.add(builder.mul(r_, d_cols), j0_)])
-            dv = []
-            for v in range(n_vec):
-                p = builder.bitcast(builder.gep(drow, [ir.Constant(intp, v * lanes)]), vty.as_pointer())
-                dv.append(builder.load(p, align=align))
-            splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-            with cgutils.for_range_slice(builder, q0_, q1_, ir.Constant(intp, 1)) as (q, _):
-                k = builder.load(builder.gep(ix.data, [q]))
-                k = builder.sext(k, intp) if k.type.width < intp.width else k
-                x = builder.load(builder.gep(vl.data, [q]))
-                xv = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-                xv = builder.shuffle_vector(xv, ir.Constant(vty, ir.Undefined), splat_mask)
+            drow = _row_ptr(builder, d, r_, j0_)
+            dv = [builder.load(vec.ptr(drow, v), align=vec.align) for v in range(n_vec)]
+            with vec.nonzeros(ix, vl, q0_, q1_) as (k, xv):
                 seen = builder.icmp_unsigned("!=", builder.load(builder.gep(tc.data, [k])),
                                              ir.Constant(ir.IntType(8), 0))
-                row = builder.gep(g.data, [builder.add(builder.mul(k, g_cols), j0_)])
+                row = _row_ptr(builder, g, k, j0_)
                 for v in range(n_vec):
-                    p = builder.bitcast(builder.gep(row, [ir.Constant(intp, v * lanes)]), vty.as_pointer())
+                    p = vec.ptr(row, v)
                     # A select, not a branch: whether a row was seen before is close to a
                     # coin toss early in a batch. Stale contents are never multiplied.
-                    base = builder.select(seen, builder.load(p, align=align), zero)
-                    builder.store(builder.call(fma, [xv, dv[v], base]), p, align=align)
+                    base = builder.select(seen, builder.load(p, align=vec.align), vec.zero)
+                    builder.store(builder.call(vec.fma, [xv, dv[v], base]), p, align=vec.align)
             return context.get_dummy_value()
         return sig, codegen
     return scatter_tile
