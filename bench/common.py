@@ -49,8 +49,8 @@ AVX512 = ("avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")  # what Sky
 def openblas_below_cpu():
     """True where the CPU has AVX-512 (as LLVM reads it: the OS saves its registers)
     but a loaded OpenBLAS runs AVX2 kernels, because it did not recognise the CPU
-    or because OPENBLAS_CORETYPE says so (this workplace's machines set
-    OPENBLAS_CORETYPE=Haswell in the environment)."""
+    or because OPENBLAS_CORETYPE says so (the AMD Zen 5 machine of 2026-12-02 sets
+    OPENBLAS_CORETYPE=Haswell in its environment)."""
     try:
         import llvmlite.binding as llvm
         from threadpoolctl import threadpool_info
