@@ -33,7 +33,7 @@ from numba import njit, prange
 
 from .fpenv import flush_subnormals, restore_fp_state
 from .native import call_packed, pack_call
-from .simd import sparse_combine_row, sparse_scatter_row
+from .simd import VECTOR_BYTES, combine_whole_row, sparse_combine_row, sparse_scatter_row
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
                     csr_matmul_rows, matmul_rows, output_delta_rows, weight_grad_rows)
 
@@ -113,12 +113,17 @@ def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, c
             crow[q] = r
             cval[q] = values[p]
             cptr[k] = q + 1
+    lanes = VECTOR_BYTES // D.itemsize
+    whole = 8 * lanes < dW.shape[1] <= 16 * lanes
     start = 0
     for k in range(n_in):
         end = cptr[k]
         touched[k] = end > start
         if end > start:
-            sparse_combine_row(dW, k, crow, cval, start, end, D)
+            if whole:
+                combine_whole_row(dW, k, crow, cval, start, end, D)
+            else:
+                sparse_combine_row(dW, k, crow, cval, start, end, D)
         start = end
     column_sums_rows(D, db, r0, r1)
 

@@ -315,6 +315,30 @@ def test_sparse_combine_row_tiles(dtype, index_dtype):
             np.testing.assert_array_equal(out[2], ref[2])   # same fused multiply-adds, same order
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_whole_row_equals_the_tiles(dtype):
+    """Every width combine_whole_row takes (9 to 16 vectors): the same bits as
+    sparse_combine_row's passes of 8, 4 and 1 vectors."""
+    from numba import njit
+    from fastmlp.kernels.simd import VECTOR_BYTES, combine_whole_row, sparse_combine_row
+
+    @njit
+    def whole(out, i, idx, val, q0, q1, M):
+        combine_whole_row(out, i, idx, val, q0, q1, M)
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(23)
+    for n_out in range(8 * lanes + 1, 16 * lanes + 1):
+        M = rand(rng, (40, n_out), dtype)
+        idx = rng.integers(0, 40, 23).astype(np.int32)
+        val = rand(rng, 23, dtype)
+        for q0, q1 in ((0, 23), (5, 6), (7, 7)):
+            out = np.full((3, n_out), np.nan, dtype)
+            ref = out.copy()
+            whole(out, 1, idx, val, q0, q1, M)
+            sparse_combine_row(ref, 1, idx, val, q0, q1, M)
+            np.testing.assert_array_equal(out, ref)
+
+
 def test_sparse_combine_row_refuses_strided_arrays():
     from numba.core.errors import TypingError
     from fastmlp.kernels.simd import sparse_combine_row
