@@ -11,6 +11,8 @@ multiply-add per vector, and are stored once at the end. The fused multiply-adds
 happen in the same order as the scalar loop with `contract`, so results are the
 same bits.
 """
+import contextlib
+
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -60,8 +62,6 @@ class _Vectors:
 
     def nonzeros(self, ix, vl, q0, q1):
         """Loop over q in q0..q1-1 yielding (idx[q] as intp, val[q] splatted)."""
-        import contextlib
-
         @contextlib.contextmanager
         def loop():
             b = self.builder
@@ -78,60 +78,50 @@ def _row_ptr(builder, arr, row, col):
     return builder.gep(arr.data, [builder.add(builder.mul(row, cols), col)])
 
 
-def _tile_intrinsic(n_vec, ends_row=False):
-    """combine_tile<n_vec>(out, i, j0, idx, val, q0, q1, M): n_vec vectors of columns
-    from j0. With ends_row, combine_row<n_vec>(out, i, idx, val, q0, q1, M, jl): the
-    whole row from column 0, the last vector at column jl (n_out - lanes, so that it
-    ends on the last column, overlapping the one before)."""
-    def codegen(context, builder, signature, args):
-        if ends_row:
-            out_t, _, idx_t, val_t, _, _, M_t, _ = signature.args
-            a_out, a_i, a_idx, a_val, a_q0, a_q1, a_M, a_jl = range(8)
-        else:
-            out_t, _, _, idx_t, val_t, _, _, M_t = signature.args
-            a_out, a_i, a_j0, a_idx, a_val, a_q0, a_q1, a_M = range(8)
-        o = context.make_array(out_t)(context, builder, args[a_out])
-        ix = context.make_array(idx_t)(context, builder, args[a_idx])
-        vl = context.make_array(val_t)(context, builder, args[a_val])
-        m = context.make_array(M_t)(context, builder, args[a_M])
-        i_, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
-                        for n in (a_i, a_q0, a_q1))
-        vec = _Vectors(context, builder, M_t.dtype)
-        if ends_row:
-            j0_ = ir.Constant(vec.intp, 0)
-            jl_ = context.cast(builder, args[a_jl], signature.args[a_jl], types.intp)
-        else:
-            j0_ = context.cast(builder, args[a_j0], signature.args[a_j0], types.intp)
-
-        def ptr(base, v):
-            if ends_row and v == n_vec - 1:
-                return builder.bitcast(builder.gep(base, [jl_]), vec.vty.as_pointer())
-            return vec.ptr(base, v)
-        accs = [cgutils.alloca_once_value(builder, vec.zero) for _ in range(n_vec)]
-        with vec.nonzeros(ix, vl, q0_, q1_) as (k, xv):
-            row = _row_ptr(builder, m, k, j0_)
-            for v in range(n_vec):
-                w = builder.load(ptr(row, v), align=vec.align)
-                builder.store(builder.call(vec.fma, [xv, w, builder.load(accs[v])]), accs[v])
-        dst = _row_ptr(builder, o, i_, j0_)
+def _emit_combine(builder, vec, o, ix, vl, m, i_, j0_, q0_, q1_, n_vec, jl_=None):
+    """out[i, tile] = sum over q of val[q] * M[idx[q], tile] for the n_vec vectors of
+    columns from j0 (the last one at jl instead, when given), each an accumulator
+    in a register while the loop runs over the nonzeros."""
+    def ptr(base, v):
+        if jl_ is not None and v == n_vec - 1:
+            return builder.bitcast(builder.gep(base, [builder.sub(jl_, j0_)]),
+                                   vec.vty.as_pointer())
+        return vec.ptr(base, v)
+    accs = [cgutils.alloca_once_value(builder, vec.zero) for _ in range(n_vec)]
+    with vec.nonzeros(ix, vl, q0_, q1_) as (k, xv):
+        row = _row_ptr(builder, m, k, j0_)
         for v in range(n_vec):
-            builder.store(builder.load(accs[v]), ptr(dst, v), align=vec.align)
-        return context.get_dummy_value()
+            w = builder.load(ptr(row, v), align=vec.align)
+            builder.store(builder.call(vec.fma, [xv, w, builder.load(accs[v])]), accs[v])
+    dst = _row_ptr(builder, o, i_, j0_)
+    for v in range(n_vec):
+        builder.store(builder.load(accs[v]), ptr(dst, v), align=vec.align)
 
-    def check(out, idx, val, M, name):
-        _check_arrays(name, (("out", out, 2), ("M", M, 2), ("idx", idx, 1), ("val", val, 1)),
-                      ("out", "val", "M"))
 
-    if ends_row:
-        @intrinsic
-        def combine_row(typingctx, out, i, idx, val, q0, q1, M, jl):
-            check(out, idx, val, M, "combine_row")
-            return types.none(out, i, idx, val, q0, q1, M, jl), codegen
-        return combine_row
+def _combine_arrays(context, builder, signature, args, positions):
+    """The array structs of args at positions (out, idx, val, M), by their types."""
+    return tuple(context.make_array(signature.args[n])(context, builder, args[n])
+                 for n in positions)
 
+
+def _check_combine(name, out, idx, val, M):
+    _check_arrays(name, (("out", out, 2), ("M", M, 2), ("idx", idx, 1), ("val", val, 1)),
+                  ("out", "val", "M"))
+
+
+def _tile_intrinsic(n_vec):
     @intrinsic
     def combine_tile(typingctx, out, i, j0, idx, val, q0, q1, M):
-        check(out, idx, val, M, "combine_tile")
+        """n_vec vectors of out[i]'s columns from j0."""
+        _check_combine("combine_tile", out, idx, val, M)
+
+        def codegen(context, builder, signature, args):
+            o, ix, vl, m = _combine_arrays(context, builder, signature, args, (0, 3, 4, 7))
+            i_, j0_, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
+                                 for n in (1, 2, 5, 6))
+            vec = _Vectors(context, builder, signature.args[7].dtype)
+            _emit_combine(builder, vec, o, ix, vl, m, i_, j0_, q0_, q1_, n_vec)
+            return context.get_dummy_value()
         return types.none(out, i, j0, idx, val, q0, q1, M), codegen
     return combine_tile
 
@@ -139,50 +129,69 @@ def _tile_intrinsic(n_vec, ends_row=False):
 combine_tile8 = _tile_intrinsic(8)
 combine_tile4 = _tile_intrinsic(4)
 combine_tile1 = _tile_intrinsic(1)
-(combine_row9, combine_row10, combine_row11, combine_row12, combine_row13, combine_row14,
- combine_row15, combine_row16) = (_tile_intrinsic(n, ends_row=True) for n in range(9, 17))
+
+WHOLE_ROW_VECTORS = (9, 16)   # rows combine_whole_row takes, in vectors
 
 
-@njit(inline="always")
-def combine_whole_row(out, i, idx, val, q0, q1, M):
-    """sparse_combine_row for rows of 9 to 16 vectors (65-128 float32 columns,
-    33-64 float64) in one pass over the nonzeros: 9-16 independent chains of fused
-    multiply-adds where the passes of 8, 4 and 1 vectors wait on each FMA's latency
-    in the short ones. The same sums in the same order: the same bits. For the
-    per-chunk CSC weight gradient, where D's rows are in L1 (one MNIST epoch, one
-    thread, Zen 5: 0.056 -> 0.050 s at 100 units, 0.045 -> 0.043 at 72, 0.059 ->
-    0.055 at 128); the forward product, bound by reading W's rows from L2, gained
-    nothing from it (0.041 s either way at 100 units)."""
+@intrinsic
+def combine_whole_row(typingctx, out, i, idx, val, q0, q1, M):
+    """out[i] = sum over q of val[q] * M[idx[q]] for rows of 9 to 16 vectors (65-128
+    float32 columns, 33-64 float64) in one pass over the nonzeros, the last vector
+    ending on the last column (overlapping the one before: those columns are
+    computed again, to the same bits). A switch on the row's vector count picks
+    the pass compiled for it; other widths are not written."""
+    _check_combine("combine_whole_row", out, idx, val, M)
+
+    def codegen(context, builder, signature, args):
+        o, ix, vl, m = _combine_arrays(context, builder, signature, args, (0, 2, 3, 6))
+        i_, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
+                        for n in (1, 4, 5))
+        vec = _Vectors(context, builder, signature.args[6].dtype)
+        n_out = cgutils.unpack_tuple(builder, m.shape)[1]
+        lanes = ir.Constant(vec.intp, vec.lanes)
+        n = builder.udiv(builder.add(n_out, builder.sub(lanes, ir.Constant(vec.intp, 1))), lanes)
+        jl = builder.sub(n_out, lanes)
+        j0 = ir.Constant(vec.intp, 0)
+        done = builder.append_basic_block("whole_row.done")
+        switch = builder.switch(n, done)
+        lo, hi = WHOLE_ROW_VECTORS
+        for n_vec in range(lo, hi + 1):
+            block = builder.append_basic_block(f"whole_row.{n_vec}")
+            switch.add_case(ir.Constant(vec.intp, n_vec), block)
+            builder.position_at_end(block)
+            _emit_combine(builder, vec, o, ix, vl, m, i_, j0, q0_, q1_, n_vec, jl)
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+    return types.none(out, i, idx, val, q0, q1, M), codegen
+
+
+@njit(error_model="numpy", inline="always")
+def takes_whole_row(M):
+    """Whether combine_whole_row takes rows of M's width (integer arithmetic only,
+    so inlining it changes no floating-point flags)."""
     lanes = VECTOR_BYTES // M.itemsize
-    n_out = M.shape[1]
-    n = (n_out + lanes - 1) // lanes
-    jl = n_out - lanes
-    if n == 9:
-        combine_row9(out, i, idx, val, q0, q1, M, jl)
-    elif n == 10:
-        combine_row10(out, i, idx, val, q0, q1, M, jl)
-    elif n == 11:
-        combine_row11(out, i, idx, val, q0, q1, M, jl)
-    elif n == 12:
-        combine_row12(out, i, idx, val, q0, q1, M, jl)
-    elif n == 13:
-        combine_row13(out, i, idx, val, q0, q1, M, jl)
-    elif n == 14:
-        combine_row14(out, i, idx, val, q0, q1, M, jl)
-    elif n == 15:
-        combine_row15(out, i, idx, val, q0, q1, M, jl)
-    else:
-        combine_row16(out, i, idx, val, q0, q1, M, jl)
+    lo, hi = WHOLE_ROW_VECTORS
+    return (lo - 1) * lanes < M.shape[1] <= hi * lanes
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def sparse_combine_row(out, i, idx, val, q0, q1, M):
     """out[i] = sum over q in q0..q1-1 of val[q] * M[idx[q]]: a sparse row times M,
-    in tiles of 64, 32 and 8 float32 columns (half as many float64), each summed
-    over q in order. Measured against the vectorised loop it replaces (four terms
-    per pass over out[i]), one MNIST epoch of CSR forward products, one thread:
-    0.049 against 0.080 s (32 units), 0.069 against 0.099 (64), 0.104 against
-    0.125 (100), 0.227 against 0.229 (256)."""
+    each column summed over q in order (the same bits every way below).
+
+    Rows of 9 to 16 vectors go through combine_whole_row: one pass of 9-16
+    independent chains of fused multiply-adds, where the later passes of 4 and 1
+    vectors below wait on each FMA's latency. Same process, interleaved, one
+    thread, Zen 5, one MNIST epoch of forward products (medians): 0.044 -> 0.038 s
+    (100 units), 0.032 -> 0.026 (72), 0.052 -> 0.040 (128). Other widths: tiles of
+    64, 32 and 8 float32 columns (half as many float64), measured against the
+    vectorised loop they replaced (four terms per pass over out[i]), forward
+    products: 0.049 against 0.080 s (32 units), 0.069 against 0.099 (64), 0.227
+    against 0.229 (256)."""
+    if takes_whole_row(M):
+        combine_whole_row(out, i, idx, val, q0, q1, M)
+        return
     n_out = M.shape[1]
     lanes = VECTOR_BYTES // M.itemsize
     j0 = 0

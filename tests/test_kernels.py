@@ -1,6 +1,7 @@
 """Every compiled kernel beside a plain NumPy twin, on many random cases: odd sizes,
 batch sizes 1, 7 and 100, every activation, both dtypes. float64 must agree to
 ~1e-12 relative, float32 to ~1e-5."""
+import functools
 import itertools
 
 import numpy as np
@@ -284,13 +285,9 @@ def test_to_csr_equals_scipy(dtype):
         assert values.dtype == dtype and indices.dtype == np.int32
 
 
-@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_sparse_combine_row_tiles(dtype, index_dtype):
-    """Every output width (full 64/32/8-lane tiles, the overlapping last tile, and
-    rows narrower than one vector) against a NumPy twin and a plain scalar loop."""
+@functools.lru_cache(maxsize=None)
+def _scalar_combine_kernel():
     from numba import njit
-    from fastmlp.kernels.simd import sparse_combine_row
 
     @njit(fastmath={"contract"})
     def scalar(out, i, idx, val, q0, q1, M):
@@ -299,6 +296,22 @@ def test_sparse_combine_row_tiles(dtype, index_dtype):
             for q in range(q0, q1):
                 acc = acc + val[q] * M[idx[q], j]
             out[i, j] = acc
+    return scalar
+
+
+def _scalar_combine(out, i, idx, val, q0, q1, M):
+    """out[i] = sum over q of val[q] * M[idx[q]], column by column, one fused
+    multiply-add per term in q order: the sums every combine kernel must equal."""
+    _scalar_combine_kernel()(out, i, idx, val, q0, q1, M)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_combine_row_tiles(dtype, index_dtype):
+    """Every output width (full 64/32/8-lane tiles, the overlapping last tile, and
+    rows narrower than one vector) against a NumPy twin and a plain scalar loop."""
+    from numba import njit
+    from fastmlp.kernels.simd import sparse_combine_row
     rng = np.random.default_rng(21)
     for n_out in list(range(1, 70)) + [100, 129, 512]:
         M = rand(rng, (40, n_out), dtype)
@@ -311,31 +324,40 @@ def test_sparse_combine_row_tiles(dtype, index_dtype):
             np.testing.assert_allclose(out[2], want, **TOL[dtype])
             assert np.isnan(out[:2]).all()                  # other rows untouched
             ref = out.copy()
-            scalar(ref, 2, idx, val, q0, q1, M)
+            _scalar_combine(ref, 2, idx, val, q0, q1, M)
             np.testing.assert_array_equal(out[2], ref[2])   # same fused multiply-adds, same order
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_combine_whole_row_equals_the_tiles(dtype):
-    """Every width combine_whole_row takes (9 to 16 vectors): the same bits as
-    sparse_combine_row's passes of 8, 4 and 1 vectors."""
+def test_combine_whole_row_every_width(dtype):
+    """Every width combine_whole_row takes (9 to 16 vectors), called directly as
+    weight_grad_csc does: the same bits as a plain scalar loop; other widths are
+    left alone."""
     from numba import njit
-    from fastmlp.kernels.simd import VECTOR_BYTES, combine_whole_row, sparse_combine_row
+    from fastmlp.kernels.simd import VECTOR_BYTES, combine_whole_row, takes_whole_row
 
     @njit
     def whole(out, i, idx, val, q0, q1, M):
         combine_whole_row(out, i, idx, val, q0, q1, M)
+
+    @njit
+    def takes(M):
+        return takes_whole_row(M)
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     rng = np.random.default_rng(23)
-    for n_out in range(8 * lanes + 1, 16 * lanes + 1):
+    for n_out in range(1, 16 * lanes + 9):
         M = rand(rng, (40, n_out), dtype)
+        assert takes(M) == (8 * lanes < n_out <= 16 * lanes)
         idx = rng.integers(0, 40, 23).astype(np.int32)
         val = rand(rng, 23, dtype)
         for q0, q1 in ((0, 23), (5, 6), (7, 7)):
             out = np.full((3, n_out), np.nan, dtype)
-            ref = out.copy()
             whole(out, 1, idx, val, q0, q1, M)
-            sparse_combine_row(ref, 1, idx, val, q0, q1, M)
+            if not takes(M):
+                assert np.isnan(out).all()
+                continue
+            ref = np.full_like(out, np.nan)
+            _scalar_combine(ref, 1, idx, val, q0, q1, M)
             np.testing.assert_array_equal(out, ref)
 
 
