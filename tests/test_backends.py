@@ -17,6 +17,8 @@ from conftest import random_model, random_targets
 NETS = [
     ([784, 64, 32, 16, 10], "sigmoid", "squared_error"),                     # seed 000
     ([784, 32, 16, 10], ["tanh", "tanh", "softmax"], "cross_entropy"),       # seed 002
+    # scikit-learn's default; wider than the scatter's 64: the per-chunk CSC gradient
+    ([784, 100, 10], ["relu", "softmax"], "cross_entropy"),
     ([17, 9, 3], ["relu", "sigmoid"], "cross_entropy"),
     ([5, 4, 1], ["tanh", "linear"], "squared_error"),
     ([13, 7, 4], ["relu", "softmax"], "squared_error"),
