@@ -126,8 +126,10 @@ class Engine:
         self.dbs = tuple(np.zeros((T, b), dtype=dt) for b in sizes[1:])
         # Which rows of W_1 each chunk's sparse weight gradient wrote.
         self.touched = np.zeros((T, n_in), dtype=np.bool_)
-        # Each chunk's rows sorted by pixel (a CSC) for that weight gradient.
-        rows = -(-B // T) if self.sparse else 0
+        # Each chunk's rows sorted by pixel (a CSC) for that weight gradient, where it
+        # sums from one: layers wider than the scatter's (epoch.weight_grad_sparse).
+        csc = self.sparse and sizes[1] > epoch.SCATTER_MAX_UNITS
+        rows = -(-B // T) if csc else 0
         self.cptr = np.zeros((T, n_in + 1), dtype=np.int64)
         self.crow = np.zeros((T, rows * n_in), dtype=np.int32)
         self.cval = np.zeros((T, rows * n_in), dtype=dt)
