@@ -77,3 +77,15 @@ def test_output_delta(benchmark):
     dense.output_delta_rows(*args)
     benchmark.group = "output delta"
     benchmark(dense.output_delta_rows, *args)
+
+
+def test_crossover_measures_both_sides():
+    # python -m bench.crossover is where dense.py's choice between tiles and BLAS
+    # comes from; keep it running.
+    from bench import crossover
+    from fastmlp.kernels import gemm
+    if not gemm.HAS_TILES:
+        pytest.skip("no AVX2/FMA or AVX-512: BLAS only")
+    r = crossover.measure((16, 32, 16), np.float32, 1)
+    assert set(r) == {"X W", "X^T D", "D W^T"}
+    assert all(t > 0 and b > 0 for t, b in r.values())

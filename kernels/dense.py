@@ -11,6 +11,7 @@ float32 arithmetic to float64.
 import numpy as np
 from numba import njit, prange
 
+from . import gemm
 from .simd import prefetch_csr_row, sparse_combine_row
 from .vmath import sigmoid, tanh
 
@@ -30,14 +31,56 @@ def csr_matmul_rows(indptr, indices, values, rows, W, out, r0, r1):
         sparse_combine_row(out, r, indices, values, indptr[src], indptr[src + 1], W)
 
 
+# The three products of a layer, chunk by chunk: compiled tiles (gemm.py) or BLAS,
+# chosen per call by the widths below. Each thread multiplies its own rows (16 to
+# 100 of a batch, the batch split between threads), single-threaded BLAS, where
+# BLAS's packing and dispatch cost as much as the arithmetic for narrow layers.
+# Measured by `python -m bench.crossover` (one thread, microseconds per call, tiles
+# / OpenBLAS 0.3.30, interleaved, best of 9):
+#   Zen 3 (AVX2, OpenBLAS's Haswell kernels), float32, two runs on a noisy machine:
+#     (rows, n_in, n_out)  X W        X^T D      D W^T
+#     (16, 32, 16)         0.4/1.1    0.3/1.2    1.4/1.2
+#     (50, 64, 32)         3.0/5.6    2.7/6.1    9.2/5.9
+#     (100, 100, 10)       9.2/6.3    5.8/9.3    33.1/6.4     (4.9/4.8 4.7/7.6 19/5.4)
+#     (50, 100, 100)       18.0/22.4  14.2/20.6  37.5/22.9
+#     (64, 512, 128)       171/158    152/145    202/160      (114/162 146/148 187/159)
+#     (64, 512, 256)       253/291    300/244    261/295      (329/324 404/280 340/333)
+#     (64, 512, 512)       495/562    645/481    517/561      (680/641 814/537 638/640)
+#   For the 512x512 layer the two runs disagree on X W and D W^T; whole wide epochs
+#   (784-512-512-10, 2 threads, interleaved processes, best of 5) took 1.690 s with
+#   these choices and 1.829 s with BLAS for every product.
+#   Zen 5 (AVX-512), 64x512x512: the tiles reached 230-240 GFLOP/s for X W and X^T D
+#     and 190-196 for D W^T, OpenBLAS 85-110 (Haswell kernels, as this machine's
+#     environment selects) or 166-169 (OPENBLAS_CORETYPE=SkylakeX); D W^T with
+#     J = 100 or less lost (50x100x100: 15.5 against 12.8; J = 10: 27 against 2.6).
+# Hence: X W by tiles from 64 bytes of output row up (a lone 10-wide float32 row
+# is two overlapping 8-lane vectors with AVX2, which loses); X^T D by tiles from one
+# vector up, except AVX2's large weight matrices (n_in x n_out >= 128 x 512), where
+# OpenBLAS was faster in both runs; D W^T by tiles only for long
+# rows of W (the dot products' horizontal sums are paid per output number).
+# The choice depends on the CPU and the widths alone (and on the layouts, which are
+# the same for every chunk), so every chunk of a layer takes the same path and the
+# bits do not depend on how rows are split between threads.
+FWD_MIN_BYTES = 64
+TN_MAX_WEIGHTS = 1 << 62 if gemm.HAS_AVX512 else 128 * 512
+NT_MIN_BYTES = 512 if gemm.HAS_AVX512 else 1024
+TILES = gemm.HAS_TILES
+
+
+@njit(cache=True, error_model="numpy")
+def tiles_fit(A, B, C):
+    """Whether the tiles can read and write these arrays (rows of adjacent numbers)."""
+    return TILES and gemm.unit_rows(A) and gemm.unit_rows(B) and gemm.unit_rows(C)
+
+
 @njit(cache=True, error_model="numpy")
 def matmul_rows(X, W, out, r0, r1):
-    """out[r0:r1] = X[r0:r1] W through BLAS gemm (np.dot into the output view).
-
-    Row slices of C-contiguous arrays stay C-contiguous, so no copy is made. The
-    caller runs BLAS single-threaded: each numba thread calls it on its own rows.
-    """
-    if r1 > r0:
+    """out[r0:r1] = X[r0:r1] W, by tiles or BLAS (see above)."""
+    if r1 <= r0:
+        return
+    if W.shape[1] * W.itemsize >= FWD_MIN_BYTES and tiles_fit(X, W, out):
+        gemm.gemm_rows(X, W, out, r0, r1)
+    else:
         np.dot(X[r0:r1], W, out[r0:r1])
 
 
@@ -123,7 +166,10 @@ def backprop_rows(D, W, A_prev, act_prev, D_prev, r0, r1):
     layer's delta, read from W before W is updated. act_prev = LINEAR gives plain
     D W^T (dL/dA_prev)."""
     if r1 > r0:
-        np.dot(D[r0:r1], W.T, D_prev[r0:r1])
+        if W.shape[1] * W.itemsize >= NT_MIN_BYTES and tiles_fit(D, W, D_prev):
+            gemm.gemm_nt(D, W, D_prev, r0, r1)
+        else:
+            np.dot(D[r0:r1], W.T, D_prev[r0:r1])
     if act_prev != LINEAR:
         one = D.dtype.type(1)
         zero = D.dtype.type(0)
@@ -137,7 +183,11 @@ def weight_grad_rows(A_prev, D, dW, db, r0, r1):
     """dW = A_prev[r0:r1]^T D[r0:r1] and db = column sums of D[r0:r1] (sums, not
     means), overwriting dW and db."""
     if r1 > r0:
-        np.dot(A_prev[r0:r1].T, D[r0:r1], dW)
+        if (D.shape[1] >= gemm.lanes_of(D) and dW.size < TN_MAX_WEIGHTS
+                and tiles_fit(A_prev, D, dW)):
+            gemm.gemm_tn(A_prev, D, dW, r0, r1)
+        else:
+            np.dot(A_prev[r0:r1].T, D[r0:r1], dW)
     else:
         zero = D.dtype.type(0)
         for k in range(dW.shape[0]):
@@ -211,7 +261,7 @@ def output_delta_rows(loss, act, A, Y, D, tiny, top, r0, r1):
 
 @njit(cache=True, error_model="numpy")
 def dense_forward(X, W, b, act, out):
-    """out = f(X W + b): the product through BLAS, bias and activation fused into one
+    """out = f(X W + b): the product (tiles or BLAS), bias and activation fused into one
     pass over the result."""
     B = X.shape[0]
     matmul_rows(X, W, out, 0, B)

@@ -17,8 +17,9 @@ Parameters and workspaces are tuples of arrays, one per layer: Ws[l] (n_in,
 n_out), bs[l] (n_out,), As[l] and Ds[l] (batch, n_out), dWs[l] (n_chunks, n_in,
 n_out), dbs[l] (n_chunks, n_out). Nothing is allocated inside the batch loop.
 
-Matrix products go through BLAS (np.dot into views of each chunk's rows; the
-caller limits BLAS to one thread, since the chunks already use every core). With a
+Dense matrix products go, chunk by chunk, through register tiles (gemm.py) or BLAS
+(np.dot into views of each chunk's rows), as dense.py chooses by width and CPU;
+the caller limits BLAS to one thread, since the chunks already use every core. With a
 sparse input (MNIST is ~81% zeros) the first layer's forward product reads the data
 as CSR (indptr, indices, values), and its weight gradient (weight_grad_sparse)
 adds each nonzero pixel's contribution into its row of dW, or, for wide layers,

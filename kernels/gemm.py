@@ -1,0 +1,303 @@
+"""Dense matrix products with the output tile held in vector registers.
+
+The three products of a dense layer, over rows r0..r1-1 of the batch:
+  gemm_rows  out[r] = X[r] W                 (forward)
+  gemm_tn    dW = X[r0:r1]^T D[r0:r1]         (weight gradient)
+  gemm_nt    out[r] = D[r] W^T               (the previous layer's delta)
+The first two are one micro-kernel, gemm_tile: an mr x nv-vector tile of the output
+is held in mr * nv vector accumulators while the loop runs over the inner
+dimension, each step loading nv vectors of a row of the right operand and
+broadcasting mr numbers of the left one, which is read through strides (so X W
+and X^T D are the same code). gemm_nt sums along W's rows: dot_tile holds mr x 4
+accumulators, then halves each to one number in a fixed order.
+
+Vectors are 64 bytes where the CPU has AVX-512 (32 registers: 6 x 4 tiles) and 32
+bytes with AVX2 and FMA (16 registers: 6 x 2); HAS_TILES is false elsewhere and
+BLAS does everything. Why not always BLAS: each thread multiplies its own chunk of
+rows (16 to 100), and for such shapes BLAS's packing and dispatch cost as much as
+the arithmetic on narrow layers (Zen 3, one thread: 50x64 by 64x32 in 3.0 against
+5.6 microseconds), and OpenBLAS may not know a new CPU (on Zen 5 it ran its AVX2
+kernels at 85-110 GFLOP/s on 64x512x512, or 166-169 with OPENBLAS_CORETYPE=SkylakeX,
+against 230-240 for these tiles). kernels/dense.py chooses per product from
+measured crossovers (`python -m bench.crossover`).
+
+Every output number is a sum in a fixed order (fused multiply-adds along the
+inner dimension; for gemm_nt, per lane, then halved, then the tail), so results
+are the same bits on every run and for every split of the rows between threads.
+"""
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils, config
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
+
+def _host_features():
+    """The CPU features numba compiles for (the host's unless NUMBA_CPU_FEATURES
+    names others)."""
+    return (config.CPU_FEATURES or llvm_binding.get_host_cpu_features().flatten()).split(",")
+
+
+_FEATURES = _host_features()
+HAS_AVX512 = "+avx512f" in _FEATURES
+HAS_AVX2 = "+avx2" in _FEATURES and "+fma" in _FEATURES
+# Tiles are used where the CPU has fused multiply-add vectors of 32 (AVX2, 16
+# registers) or 64 bytes (AVX-512, 32 registers); elsewhere BLAS does everything.
+HAS_TILES = HAS_AVX512 or HAS_AVX2
+VECTOR_BYTES = 64 if HAS_AVX512 else 32
+
+# Tile shapes, chosen so that the accumulators and the operands loaded per step fit
+# in the registers: the wide gemm tile is WIDE_ROWS x WIDE_VECTORS vectors (6 x 4 =
+# 24 accumulators of 32 registers; 6 x 2 = 12 of 16 with AVX2), the narrow one
+# TILE1_ROWS x 1, the dot tile DOT_ROWS x 4. The switch in each intrinsic compiles
+# one loop per row count up to these (more variants cost compile time, not speed).
+WIDE_VECTORS = 4 if HAS_AVX512 else 2
+WIDE_ROWS, TILE1_ROWS = 6, 8
+DOT_ROWS = 4 if HAS_AVX512 else 2
+
+
+class _Vectors:
+    """The 64-byte vector type of a float dtype, its zero and fma."""
+
+    def __init__(self, context, builder, dtype):
+        self.intp = context.get_value_type(types.intp)
+        fty = context.get_value_type(dtype)
+        self.lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+        self.vty = ir.VectorType(fty, self.lanes)
+        self.align = dtype.bitwidth // 8
+        self.zero = ir.Constant(self.vty, [ir.Constant(fty, 0.0)] * self.lanes)
+        self.fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(self.vty, [self.vty] * 3),
+            f"llvm.fma.v{self.lanes}f{dtype.bitwidth}")
+        self.builder = builder
+
+    def c(self, n):
+        return ir.Constant(self.intp, n)
+
+    def load(self, base, offset):
+        b = self.builder
+        return b.load(b.bitcast(b.gep(base, [offset]), self.vty.as_pointer()), align=self.align)
+
+    def store(self, value, base, offset):
+        b = self.builder
+        b.store(value, b.bitcast(b.gep(base, [offset]), self.vty.as_pointer()), align=self.align)
+
+    def splat(self, x):
+        b = self.builder
+        i32 = ir.IntType(32)
+        xv = b.insert_element(ir.Constant(self.vty, ir.Undefined), x, ir.Constant(i32, 0))
+        return b.shuffle_vector(xv, ir.Constant(self.vty, ir.Undefined),
+                                ir.Constant(ir.VectorType(i32, self.lanes), [0] * self.lanes))
+
+    def hsum(self, v):
+        """The sum of v's lanes by halving: (lanes 0..n/2-1) + (n/2..n-1), again and
+        again, a fixed order."""
+        b = self.builder
+        i32 = ir.IntType(32)
+        n = self.lanes
+        while n > 1:
+            h = n // 2
+            lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h), list(range(h))))
+            hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h), list(range(h, n))))
+            v = b.fadd(lo, hi)
+            n = h
+        return b.extract_element(v, ir.Constant(i32, 0))
+
+
+def _check(fname, C, A, B):
+    # Any layout types (a caller may hold non-contiguous views and check at run
+    # time, with unit_rows, before calling); the tiles read rows through strides[0]
+    # and assume the numbers within a row are adjacent.
+    for name, a in (("C", C), ("A", A), ("B", B)):
+        if not isinstance(a, types.Array) or a.ndim != 2:
+            raise TypingError(f"{fname}: {name} must be a 2-D array")
+    if len({C.dtype, A.dtype, B.dtype}) != 1 or C.dtype not in (types.float32, types.float64):
+        raise TypingError(f"{fname}: C, A and B must share a float dtype")
+
+
+def _row_stride(builder, vec, arr):
+    """Numbers from one row to the next (strides[0] / itemsize)."""
+    return builder.sdiv(cgutils.unpack_tuple(builder, arr.strides)[0], vec.c(vec.align))
+
+
+def _switch_rows(builder, vec, mr_, max_rows, emit, name):
+    """One block per row count 1..max_rows, chosen by mr_ at run time."""
+    done = builder.append_basic_block(f"{name}.done")
+    switch = builder.switch(mr_, done)
+    for mr in range(1, max_rows + 1):
+        block = builder.append_basic_block(f"{name}.{mr}")
+        switch.add_case(ir.Constant(vec.intp, mr), block)
+        builder.position_at_end(block)
+        emit(mr)
+        builder.branch(done)
+    builder.position_at_end(done)
+
+
+def _gemm_tile_intrinsic(nv, max_rows):
+    @intrinsic
+    def gemm_tile(typingctx, C, A, B, mr, i0, j0, jl, a0, ais, aks, b0, K):
+        """C[i0+i, cols] = sum over k < K of A.flat[a0 + i*ais + k*aks] * B[b0+k, cols]
+        for i < mr (1..max_rows), cols nv vectors from j0, the last starting at jl
+        (it may overlap the one before: those columns get the same bits)."""
+        _check("gemm_tile", C, A, B)
+        sig = types.none(C, A, B, mr, i0, j0, jl, a0, ais, aks, b0, K)
+
+        def codegen(context, builder, signature, args):
+            c_, a_, b_ = (context.make_array(signature.args[n])(context, builder, args[n])
+                          for n in range(3))
+            mr_, i0_, j0_, jl_, a0_, ais_, aks_, b0_, K_ = (
+                context.cast(builder, args[n], signature.args[n], types.intp)
+                for n in range(3, 12))
+            vec = _Vectors(context, builder, signature.args[0].dtype)
+            ldc = _row_stride(builder, vec, c_)
+            ldb = _row_stride(builder, vec, b_)
+            b = builder
+            cols = [b.add(j0_, vec.c(v * vec.lanes)) for v in range(nv - 1)] + [jl_]
+
+            def emit(mr):
+                accs = [[cgutils.alloca_once_value(b, vec.zero) for _ in range(nv)]
+                        for _ in range(mr)]
+                arow = [b.add(a0_, b.mul(vec.c(i), ais_)) for i in range(mr)]
+                with cgutils.for_range(b, K_) as loop:
+                    k = loop.index
+                    brow = b.mul(b.add(b0_, k), ldb)
+                    bv = [vec.load(b_.data, b.add(brow, cols[v])) for v in range(nv)]
+                    koff = b.mul(k, aks_)
+                    for i in range(mr):
+                        x = vec.splat(b.load(b.gep(a_.data, [b.add(arow[i], koff)])))
+                        for v in range(nv):
+                            b.store(b.call(vec.fma, [x, bv[v], b.load(accs[i][v])]), accs[i][v])
+                for i in range(mr):
+                    crow = b.mul(b.add(i0_, vec.c(i)), ldc)
+                    for v in range(nv):
+                        vec.store(b.load(accs[i][v]), c_.data, b.add(crow, cols[v]))
+            _switch_rows(b, vec, mr_, max_rows, emit, f"gemm{nv}")
+            return context.get_dummy_value()
+        return sig, codegen
+    return gemm_tile
+
+
+gemm_wide = _gemm_tile_intrinsic(WIDE_VECTORS, WIDE_ROWS)
+gemm_tile1 = _gemm_tile_intrinsic(1, TILE1_ROWS)
+
+
+def _dot_tile_intrinsic(nc):
+    @intrinsic
+    def dot_tile(typingctx, C, A, B, mr, i0, k0, J):
+        """C[i0+i, k0+c] = sum over j < J of A[i0+i, j] * B[k0+c, j] for i < mr
+        (1..DOT_ROWS) and c < nc: whole vectors of j by fused multiply-adds into
+        lanes, the lanes halved to one number, then the last J % lanes one by one."""
+        _check("dot_tile", C, A, B)
+        sig = types.none(C, A, B, mr, i0, k0, J)
+
+        def codegen(context, builder, signature, args):
+            c_, a_, b_ = (context.make_array(signature.args[n])(context, builder, args[n])
+                          for n in range(3))
+            mr_, i0_, k0_, J_ = (context.cast(builder, args[n], signature.args[n], types.intp)
+                                 for n in range(3, 7))
+            vec = _Vectors(context, builder, signature.args[0].dtype)
+            ldc = _row_stride(builder, vec, c_)
+            lda = _row_stride(builder, vec, a_)
+            ldb = _row_stride(builder, vec, b_)
+            b = builder
+            brow = [b.mul(b.add(k0_, vec.c(c)), ldb) for c in range(nc)]
+            nvec = b.udiv(J_, vec.c(vec.lanes))
+            jt = b.mul(nvec, vec.c(vec.lanes))
+
+            def emit(mr):
+                accs = [[cgutils.alloca_once_value(b, vec.zero) for _ in range(nc)]
+                        for _ in range(mr)]
+                arow = [b.mul(b.add(i0_, vec.c(i)), lda) for i in range(mr)]
+                with cgutils.for_range(b, nvec) as loop:
+                    j = b.mul(loop.index, vec.c(vec.lanes))
+                    bv = [vec.load(b_.data, b.add(brow[c], j)) for c in range(nc)]
+                    for i in range(mr):
+                        av = vec.load(a_.data, b.add(arow[i], j))
+                        for c in range(nc):
+                            b.store(b.call(vec.fma, [av, bv[c], b.load(accs[i][c])]),
+                                    accs[i][c])
+                for i in range(mr):
+                    crow = b.mul(b.add(i0_, vec.c(i)), ldc)
+                    for c in range(nc):
+                        s = cgutils.alloca_once_value(b, vec.hsum(b.load(accs[i][c])))
+                        with cgutils.for_range_slice(b, jt, J_, vec.c(1)) as (j, _):
+                            x = b.load(b.gep(a_.data, [b.add(arow[i], j)]))
+                            y = b.load(b.gep(b_.data, [b.add(brow[c], j)]))
+                            b.store(b.fadd(b.load(s), b.fmul(x, y)), s)
+                        b.store(b.load(s), b.gep(c_.data, [b.add(crow, b.add(k0_, vec.c(c)))]))
+            _switch_rows(b, vec, mr_, DOT_ROWS, emit, f"dot{nc}")
+            return context.get_dummy_value()
+        return sig, codegen
+    return dot_tile
+
+
+dot_tile4 = _dot_tile_intrinsic(4)
+dot_tile1 = _dot_tile_intrinsic(1)
+
+
+@njit(cache=True, error_model="numpy")
+def lanes_of(a):
+    return VECTOR_BYTES // a.itemsize
+
+
+@njit(cache=True, error_model="numpy")
+def unit_rows(a):
+    """Whether a's rows are runs of adjacent numbers, one after another, as the
+    tiles need (C-contiguous arrays and row slices of them)."""
+    return a.strides[1] == a.itemsize and a.strides[0] >= a.shape[1] * a.itemsize
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_rows(X, W, out, r0, r1):
+    """out[r] = X[r] W for rows r0..r1-1 (W at least one vector wide)."""
+    K = X.shape[1]
+    N = W.shape[1]
+    L = lanes_of(W)
+    xs = X.strides[0] // X.itemsize
+    j0 = 0
+    while j0 + WIDE_VECTORS * L <= N:
+        for i0 in range(r0, r1, WIDE_ROWS):
+            gemm_wide(out, X, W, min(WIDE_ROWS, r1 - i0), i0, j0, j0 + (WIDE_VECTORS - 1) * L,
+                      i0 * xs, xs, 1, 0, K)
+        j0 += WIDE_VECTORS * L
+    while j0 < N:
+        j = min(j0, N - L)
+        for i0 in range(r0, r1, TILE1_ROWS):
+            gemm_tile1(out, X, W, min(TILE1_ROWS, r1 - i0), i0, j, j, i0 * xs, xs, 1, 0, K)
+        j0 += L
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_tn(X, D, dW, r0, r1):
+    """dW = X[r0:r1]^T D[r0:r1] (D at least one vector wide): dW[k] sums X[r, k] D[r]
+    over r in ascending order."""
+    n_in = X.shape[1]
+    N = D.shape[1]
+    L = lanes_of(D)
+    R = r1 - r0
+    xs = X.strides[0] // X.itemsize
+    j0 = 0
+    while j0 + WIDE_VECTORS * L <= N:
+        for k0 in range(0, n_in, WIDE_ROWS):
+            gemm_wide(dW, X, D, min(WIDE_ROWS, n_in - k0), k0, j0, j0 + (WIDE_VECTORS - 1) * L,
+                      r0 * xs + k0, 1, xs, r0, R)
+        j0 += WIDE_VECTORS * L
+    while j0 < N:
+        j = min(j0, N - L)
+        for k0 in range(0, n_in, TILE1_ROWS):
+            gemm_tile1(dW, X, D, min(TILE1_ROWS, n_in - k0), k0, j, j, r0 * xs + k0, 1, xs, r0, R)
+        j0 += L
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_nt(D, W, out, r0, r1):
+    """out[r] = D[r] W^T for rows r0..r1-1: out[r, k] is the dot product of D[r] and
+    W[k] (any widths)."""
+    n_in, J = W.shape
+    k_full = n_in - n_in % 4
+    for k0 in range(0, k_full, 4):
+        for i0 in range(r0, r1, DOT_ROWS):
+            dot_tile4(out, D, W, min(DOT_ROWS, r1 - i0), i0, k0, J)
+    for k in range(k_full, n_in):
+        for i0 in range(r0, r1, DOT_ROWS):
+            dot_tile1(out, D, W, min(DOT_ROWS, r1 - i0), i0, k, J)

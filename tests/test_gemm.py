@@ -1,0 +1,130 @@
+"""The register-tiled products (kernels/gemm.py) and the per-layer choice between
+them and BLAS (dense.product_*), each beside a plain NumPy twin on random cases:
+odd sizes around every tile and vector boundary, both dtypes.
+
+The error allowed is relative to sum |a||b| (the size of the terms), which is what
+a change of summation order can move: float64 to 1e-12, float32 to 1e-5."""
+import numpy as np
+import pytest
+from numba import njit
+
+from fastmlp.kernels import dense, gemm
+
+DTYPES = [np.float64, np.float32]
+TOL = {np.float64: 1e-12, np.float32: 1e-5}
+# Rows: under, at and over the tile heights (2, 4, 6, 8); inner sizes 1, odd, 785.
+ROWS = [1, 3, 7, 17, 64]
+INNER = [1, 3, 17, 785]
+# Output widths around one vector (4 or 8 float64, 8 or 16 float32), two and four
+# vectors, and MNIST's 10 classes: the last vector overlaps the one before.
+WIDTHS = [8, 9, 10, 16, 17, 31, 33, 64, 65, 100]
+
+tiles = pytest.mark.skipif(not gemm.HAS_TILES, reason="the CPU has no AVX2/FMA or AVX-512")
+
+
+def rand(rng, shape, dtype):
+    return rng.normal(size=shape).astype(dtype)
+
+
+def assert_product_close(got, a, b, dtype):
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    scale = np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64))
+    err = np.abs(got.astype(np.float64) - exact)
+    assert np.all(err <= TOL[dtype] * (scale + 1e-300)), float(np.max(err / (scale + 1e-300)))
+
+
+def cases(rng, dtype):
+    lanes = gemm.VECTOR_BYTES // np.dtype(dtype).itemsize
+    for M in ROWS:
+        for K in INNER:
+            for N in WIDTHS:
+                if N >= lanes:
+                    yield M, K, N
+
+
+@tiles
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_rows_equals_numpy_and_leaves_other_rows(dtype):
+    rng = np.random.default_rng(1)
+    for M, K, N in cases(rng, dtype):
+        X, W = rand(rng, (M + 2, K), dtype), rand(rng, (K, N), dtype)
+        out = np.full((M + 2, N), 7, dtype)
+        gemm.gemm_rows(X, W, out, 1, M + 1)
+        assert_product_close(out[1:M + 1], X[1:M + 1], W, dtype)
+        assert np.all(out[0] == 7) and np.all(out[M + 1] == 7), (M, K, N)
+
+
+@tiles
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_tn_equals_numpy(dtype):
+    rng = np.random.default_rng(2)
+    for M, K, N in cases(rng, dtype):
+        X, D = rand(rng, (M + 3, K), dtype), rand(rng, (M + 3, N), dtype)
+        dW = np.full((K, N), np.nan, dtype)     # every number must be written
+        gemm.gemm_tn(X, D, dW, 2, M + 2)
+        assert_product_close(dW, X[2:M + 2].T, D[2:M + 2], dtype)
+
+
+@tiles
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_nt_equals_numpy_at_any_width(dtype):
+    rng = np.random.default_rng(3)
+    for M in ROWS:
+        for n_in in [1, 3, 4, 5, 17, 64]:
+            for J in [1, 3, 7, 8, 10, 17, 33, 130]:
+                D, W = rand(rng, (M + 1, J), dtype), rand(rng, (n_in, J), dtype)
+                out = np.full((M + 1, n_in), 7, dtype)
+                gemm.gemm_nt(D, W, out, 0, M)
+                assert_product_close(out[:M], D[:M], W.T, dtype)
+                assert np.all(out[M] == 7), (M, n_in, J)
+
+
+@tiles
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_products_do_not_depend_on_the_split(dtype):
+    # Threads each take a share of the rows: a row's bits must not depend on which
+    # share, or on where in a tile, it fell.
+    rng = np.random.default_rng(4)
+    X, W = rand(rng, (37, 129), dtype), rand(rng, (129, 75), dtype)
+    whole_f, whole_b = np.zeros((37, 75), dtype), np.zeros((37, 129), dtype)
+    gemm.gemm_rows(X, W, whole_f, 0, 37)
+    gemm.gemm_nt(whole_f, W, whole_b, 0, 37)
+    for cut in [1, 5, 13, 30]:
+        f, b = np.zeros_like(whole_f), np.zeros_like(whole_b)
+        for r0, r1 in [(0, cut), (cut, 37)]:
+            gemm.gemm_rows(X, W, f, r0, r1)
+            gemm.gemm_nt(whole_f, W, b, r0, r1)
+        assert f.tobytes() == whole_f.tobytes() and b.tobytes() == whole_b.tobytes(), cut
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_in,n_out", [(3, 1), (17, 10), (100, 16), (33, 100), (64, 257),
+                                        (130, 512)])
+@pytest.mark.parametrize("view", ["contiguous", "column_slice", "strided"])
+@pytest.mark.filterwarnings("ignore::numba.NumbaPerformanceWarning")  # np.dot on views, on purpose
+def test_layer_products_equal_numpy(dtype, n_in, n_out, view):
+    # Whichever code the widths and layouts select on this CPU (tiles or BLAS), the
+    # layer's three products agree with NumPy. Inputs that are column slices of
+    # wider arrays have rows of adjacent numbers with a longer stride (tiles read
+    # them in place); strided views do not (they go to BLAS). Outputs are
+    # contiguous, as numba's np.dot requires of its out argument.
+    rng = np.random.default_rng(5)
+    B, r0, r1 = 23, 4, 21
+
+    def make(shape):
+        wide = rand(rng, (shape[0], 2 * shape[1] + 1), dtype)
+        if view == "contiguous":
+            return np.ascontiguousarray(wide[:, :shape[1]])
+        return wide[:, 1:shape[1] + 1] if view == "column_slice" else wide[:, 1::2][:, :shape[1]]
+
+    X, W, D = make((B, n_in)), make((n_in, n_out)), make((B, n_out))
+    fwd, back = np.zeros((B, n_out), dtype), np.zeros((B, n_in), dtype)
+    dW = np.full((n_in, n_out), np.nan, dtype)
+    db = np.zeros(n_out, dtype)
+    dense.matmul_rows(X, W, fwd, r0, r1)
+    dense.backprop_rows(D, W, X, dense.LINEAR, back, r0, r1)
+    dense.weight_grad_rows(X, D, dW, db, r0, r1)
+    assert_product_close(fwd[r0:r1], X[r0:r1], W, dtype)
+    assert_product_close(back[r0:r1], D[r0:r1], W.T, dtype)
+    assert_product_close(dW, X[r0:r1].T, D[r0:r1], dtype)
+    assert not fwd[:r0].any() and not fwd[r1:].any() and not back[r1:].any()
