@@ -32,6 +32,8 @@ from numba.core import cgutils, config
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
+from . import simd
+
 def _host_features():
     """The CPU features numba compiles for (the host's unless NUMBA_CPU_FEATURES
     names others)."""
@@ -56,20 +58,12 @@ WIDE_ROWS, TILE1_ROWS = 6, 8
 DOT_ROWS = 4 if HAS_AVX512 else 2
 
 
-class _Vectors:
-    """The 64-byte vector type of a float dtype, its zero and fma."""
+class _Vectors(simd._Vectors):
+    """simd's vector helpers at this CPU's width (VECTOR_BYTES), with loads and
+    stores at any offset and a horizontal sum."""
 
     def __init__(self, context, builder, dtype):
-        self.intp = context.get_value_type(types.intp)
-        fty = context.get_value_type(dtype)
-        self.lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
-        self.vty = ir.VectorType(fty, self.lanes)
-        self.align = dtype.bitwidth // 8
-        self.zero = ir.Constant(self.vty, [ir.Constant(fty, 0.0)] * self.lanes)
-        self.fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(self.vty, [self.vty] * 3),
-            f"llvm.fma.v{self.lanes}f{dtype.bitwidth}")
-        self.builder = builder
+        super().__init__(context, builder, dtype, VECTOR_BYTES)
 
     def c(self, n):
         return ir.Constant(self.intp, n)
@@ -81,13 +75,6 @@ class _Vectors:
     def store(self, value, base, offset):
         b = self.builder
         b.store(value, b.bitcast(b.gep(base, [offset]), self.vty.as_pointer()), align=self.align)
-
-    def splat(self, x):
-        b = self.builder
-        i32 = ir.IntType(32)
-        xv = b.insert_element(ir.Constant(self.vty, ir.Undefined), x, ir.Constant(i32, 0))
-        return b.shuffle_vector(xv, ir.Constant(self.vty, ir.Undefined),
-                                ir.Constant(ir.VectorType(i32, self.lanes), [0] * self.lanes))
 
     def hsum(self, v):
         """The sum of v's lanes by halving: (lanes 0..n/2-1) + (n/2..n-1), again and

@@ -34,12 +34,12 @@ def _check_arrays(fname, arrays, floats):
 
 
 class _Vectors:
-    """The vector type of a float dtype (VECTOR_BYTES wide), its zero and fma."""
+    """The vector type of a float dtype (vector_bytes wide), its zero and fma."""
 
-    def __init__(self, context, builder, dtype):
+    def __init__(self, context, builder, dtype, vector_bytes=VECTOR_BYTES):
         self.intp = context.get_value_type(types.intp)
         fty = context.get_value_type(dtype)
-        self.lanes = VECTOR_BYTES // (dtype.bitwidth // 8)
+        self.lanes = vector_bytes // (dtype.bitwidth // 8)
         self.vty = ir.VectorType(fty, self.lanes)
         self.align = dtype.bitwidth // 8
         self.zero = ir.Constant(self.vty, [ir.Constant(fty, 0.0)] * self.lanes)
