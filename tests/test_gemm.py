@@ -1,5 +1,5 @@
 """The register-tiled products (kernels/gemm.py) and the per-layer choice between
-them and BLAS (dense.product_*), each beside a plain NumPy twin on random cases:
+them and BLAS (dense.py), each beside a plain NumPy twin on random cases:
 odd sizes around every tile and vector boundary, both dtypes.
 
 The error allowed is relative to sum |a||b| (the size of the terms), which is what
