@@ -49,6 +49,10 @@ def csr_matmul_rows(indptr, indices, values, rows, W, out, r0, r1):
 #   For the 512x512 layer the two runs disagree on X W and D W^T; whole wide epochs
 #   (784-512-512-10, 2 threads, interleaved processes, best of 5) took 1.690 s with
 #   these choices and 1.829 s with BLAS for every product.
+#   Zen 3, float64 (`--dtype float64`): the tiles win up to 50x100x100 (X W 24.7/32.3)
+#     and lose from 65,536 weights up, by up to 2.3x (64x512x512: 1727/1183,
+#     2286/1445, 1096/1044; 64x784x512 X W 4054/1766), where each step of a tile
+#     reads only 8 numbers of a W row kilobytes from the last.
 #   Zen 5 (AVX-512), 64x512x512: the tiles reached 230-240 GFLOP/s for X W and X^T D
 #     and 190-196 for D W^T, OpenBLAS 85-110 (Haswell kernels, as this machine's
 #     environment selects) or 166-169 (OPENBLAS_CORETYPE=SkylakeX); D W^T with
@@ -57,12 +61,15 @@ def csr_matmul_rows(indptr, indices, values, rows, W, out, r0, r1):
 # is two overlapping 8-lane vectors with AVX2, which loses); X^T D by tiles from one
 # vector up, except AVX2's large weight matrices (n_in x n_out >= 128 x 512), where
 # OpenBLAS was faster in both runs; D W^T by tiles only for long
-# rows of W (the dot products' horizontal sums are paid per output number).
+# rows of W (the dot products' horizontal sums are paid per output number); and
+# no float64 product with W of 128 x 512 numbers or more (measured on AVX2 only;
+# BLAS, the known path, on AVX-512 too until measured there).
 # The choice depends on the CPU and the widths alone (and on the layouts, which are
 # the same for every chunk), so every chunk of a layer takes the same path and the
 # bits do not depend on how rows are split between threads.
 FWD_MIN_BYTES = 64
 TN_MAX_WEIGHTS = 1 << 62 if gemm.HAS_AVX512 else 128 * 512
+F64_MAX_WEIGHTS = 128 * 512
 NT_MIN_BYTES = 512 if gemm.HAS_AVX512 else 1024
 TILES = gemm.HAS_TILES
 
@@ -74,11 +81,17 @@ def tiles_fit(A, B, C):
 
 
 @njit(cache=True, error_model="numpy")
+def small_enough(W):
+    """Whether W is small enough for the tiles in its dtype (see above)."""
+    return W.itemsize == 4 or W.size < F64_MAX_WEIGHTS
+
+
+@njit(cache=True, error_model="numpy")
 def matmul_rows(X, W, out, r0, r1):
     """out[r0:r1] = X[r0:r1] W, by tiles or BLAS (see above)."""
     if r1 <= r0:
         return
-    if W.shape[1] * W.itemsize >= FWD_MIN_BYTES and tiles_fit(X, W, out):
+    if W.shape[1] * W.itemsize >= FWD_MIN_BYTES and small_enough(W) and tiles_fit(X, W, out):
         gemm.gemm_rows(X, W, out, r0, r1)
     else:
         np.dot(X[r0:r1], W, out[r0:r1])
@@ -166,7 +179,8 @@ def backprop_rows(D, W, A_prev, act_prev, D_prev, r0, r1):
     layer's delta, read from W before W is updated. act_prev = LINEAR gives plain
     D W^T (dL/dA_prev)."""
     if r1 > r0:
-        if W.shape[1] * W.itemsize >= NT_MIN_BYTES and tiles_fit(D, W, D_prev):
+        if (W.shape[1] * W.itemsize >= NT_MIN_BYTES and small_enough(W)
+                and tiles_fit(D, W, D_prev)):
             gemm.gemm_nt(D, W, D_prev, r0, r1)
         else:
             np.dot(D[r0:r1], W.T, D_prev[r0:r1])
@@ -183,7 +197,7 @@ def weight_grad_rows(A_prev, D, dW, db, r0, r1):
     """dW = A_prev[r0:r1]^T D[r0:r1] and db = column sums of D[r0:r1] (sums, not
     means), overwriting dW and db."""
     if r1 > r0:
-        if (D.shape[1] >= gemm.lanes_of(D) and dW.size < TN_MAX_WEIGHTS
+        if (D.shape[1] >= gemm.lanes_of(D) and dW.size < TN_MAX_WEIGHTS and small_enough(dW)
                 and tiles_fit(A_prev, D, dW)):
             gemm.gemm_tn(A_prev, D, dW, r0, r1)
         else:
