@@ -119,7 +119,9 @@ def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, c
     # each cost more than the one-pass rows gain, so the intrinsic is called here
     # (0.052-0.055 -> 0.049 s an epoch at 100 units, one thread, Zen 5).
     whole = takes_whole_row(D)
-    start = 0
+    # np.int64, not a bare 0: numba typed the call below with Literal[int](0) and
+    # compiled a second sparse_combine_row for it (about 1 s of a cold start).
+    start = np.int64(0)
     for k in range(n_in):
         end = cptr[k]
         touched[k] = end > start
