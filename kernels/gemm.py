@@ -34,6 +34,7 @@ from numba.extending import intrinsic
 
 from . import simd
 
+
 def _host_features():
     """The CPU features numba compiles for (the host's unless NUMBA_CPU_FEATURES
     names others)."""
@@ -95,29 +96,13 @@ def _check(fname, C, A, B):
     # Any layout types (a caller may hold non-contiguous views and check at run
     # time, with unit_rows, before calling); the tiles read rows through strides[0]
     # and assume the numbers within a row are adjacent.
-    for name, a in (("C", C), ("A", A), ("B", B)):
-        if not isinstance(a, types.Array) or a.ndim != 2:
-            raise TypingError(f"{fname}: {name} must be a 2-D array")
-    if len({C.dtype, A.dtype, B.dtype}) != 1 or C.dtype not in (types.float32, types.float64):
-        raise TypingError(f"{fname}: C, A and B must share a float dtype")
+    simd._check_arrays(fname, (("C", C, 2), ("A", A, 2), ("B", B, 2)), ("C", "A", "B"),
+                       contiguous=False)
 
 
 def _row_stride(builder, vec, arr):
     """Numbers from one row to the next (strides[0] / itemsize)."""
     return builder.sdiv(cgutils.unpack_tuple(builder, arr.strides)[0], vec.c(vec.align))
-
-
-def _switch_rows(builder, vec, mr_, max_rows, emit, name):
-    """One block per row count 1..max_rows, chosen by mr_ at run time."""
-    done = builder.append_basic_block(f"{name}.done")
-    switch = builder.switch(mr_, done)
-    for mr in range(1, max_rows + 1):
-        block = builder.append_basic_block(f"{name}.{mr}")
-        switch.add_case(ir.Constant(vec.intp, mr), block)
-        builder.position_at_end(block)
-        emit(mr)
-        builder.branch(done)
-    builder.position_at_end(done)
 
 
 def _gemm_tile_intrinsic(nv, max_rows):
@@ -158,7 +143,7 @@ def _gemm_tile_intrinsic(nv, max_rows):
                     crow = b.mul(b.add(i0_, vec.c(i)), ldc)
                     for v in range(nv):
                         vec.store(b.load(accs[i][v]), c_.data, b.add(crow, cols[v]))
-            _switch_rows(b, vec, mr_, max_rows, emit, f"gemm{nv}")
+            simd._switch(b, vec.intp, mr_, range(1, max_rows + 1), f"gemm{nv}", emit)
             return context.get_dummy_value()
         return sig, codegen
     return gemm_tile
@@ -212,7 +197,7 @@ def _dot_tile_intrinsic(nc):
                             y = b.load(b.gep(b_.data, [b.add(brow[c], j)]))
                             b.store(b.fadd(b.load(s), b.fmul(x, y)), s)
                         b.store(b.load(s), b.gep(c_.data, [b.add(crow, b.add(k0_, vec.c(c)))]))
-            _switch_rows(b, vec, mr_, DOT_ROWS, emit, f"dot{nc}")
+            simd._switch(b, vec.intp, mr_, range(1, DOT_ROWS + 1), f"dot{nc}", emit)
             return context.get_dummy_value()
         return sig, codegen
     return dot_tile
@@ -235,45 +220,40 @@ def unit_rows(a):
 
 
 @njit(cache=True, error_model="numpy")
-def gemm_rows(X, W, out, r0, r1):
-    """out[r] = X[r] W for rows r0..r1-1 (W at least one vector wide)."""
-    K = X.shape[1]
-    N = W.shape[1]
-    L = lanes_of(W)
-    xs = X.strides[0] // X.itemsize
+def gemm_panels(C, A, B, i_lo, i_hi, a_base, ais, aks, b0, K):
+    """C[i, cols] = sum over k < K of A.flat[a_base + i*ais + k*aks] * B[b0+k, cols]
+    for rows i_lo..i_hi-1 of C and all its columns (B at least one vector wide):
+    wide tiles across the columns, then one-vector tiles, the last ending on the
+    last column."""
+    N = B.shape[1]
+    L = lanes_of(B)
     j0 = 0
     while j0 + WIDE_VECTORS * L <= N:
-        for i0 in range(r0, r1, WIDE_ROWS):
-            gemm_wide(out, X, W, min(WIDE_ROWS, r1 - i0), i0, j0, j0 + (WIDE_VECTORS - 1) * L,
-                      i0 * xs, xs, 1, 0, K)
+        for i0 in range(i_lo, i_hi, WIDE_ROWS):
+            gemm_wide(C, A, B, min(WIDE_ROWS, i_hi - i0), i0, j0, j0 + (WIDE_VECTORS - 1) * L,
+                      a_base + i0 * ais, ais, aks, b0, K)
         j0 += WIDE_VECTORS * L
     while j0 < N:
         j = min(j0, N - L)
-        for i0 in range(r0, r1, TILE1_ROWS):
-            gemm_tile1(out, X, W, min(TILE1_ROWS, r1 - i0), i0, j, j, i0 * xs, xs, 1, 0, K)
+        for i0 in range(i_lo, i_hi, TILE1_ROWS):
+            gemm_tile1(C, A, B, min(TILE1_ROWS, i_hi - i0), i0, j, j, a_base + i0 * ais, ais,
+                       aks, b0, K)
         j0 += L
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_rows(X, W, out, r0, r1):
+    """out[r] = X[r] W for rows r0..r1-1 (W at least one vector wide)."""
+    xs = X.strides[0] // X.itemsize
+    gemm_panels(out, X, W, r0, r1, 0, xs, 1, 0, X.shape[1])
 
 
 @njit(cache=True, error_model="numpy")
 def gemm_tn(X, D, dW, r0, r1):
     """dW = X[r0:r1]^T D[r0:r1] (D at least one vector wide): dW[k] sums X[r, k] D[r]
     over r in ascending order."""
-    n_in = X.shape[1]
-    N = D.shape[1]
-    L = lanes_of(D)
-    R = r1 - r0
     xs = X.strides[0] // X.itemsize
-    j0 = 0
-    while j0 + WIDE_VECTORS * L <= N:
-        for k0 in range(0, n_in, WIDE_ROWS):
-            gemm_wide(dW, X, D, min(WIDE_ROWS, n_in - k0), k0, j0, j0 + (WIDE_VECTORS - 1) * L,
-                      r0 * xs + k0, 1, xs, r0, R)
-        j0 += WIDE_VECTORS * L
-    while j0 < N:
-        j = min(j0, N - L)
-        for k0 in range(0, n_in, TILE1_ROWS):
-            gemm_tile1(dW, X, D, min(TILE1_ROWS, n_in - k0), k0, j, j, r0 * xs + k0, 1, xs, r0, R)
-        j0 += L
+    gemm_panels(dW, X, D, 0, X.shape[1], r0 * xs, 1, xs, r0, r1 - r0)
 
 
 @njit(cache=True, error_model="numpy")

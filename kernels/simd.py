@@ -22,15 +22,32 @@ from numba.extending import intrinsic
 VECTOR_BYTES = 32          # AVX2
 
 
-def _check_arrays(fname, arrays, floats):
+def _check_arrays(fname, arrays, floats, contiguous=True):
     """Typing-time checks shared by the intrinsics: arrays is (name, type, ndim);
-    floats names the arrays that must share one float dtype."""
+    floats names the arrays that must share one float dtype. contiguous=False
+    admits any layout (for intrinsics that read rows through strides)."""
     for name, a, nd in arrays:
-        if not isinstance(a, types.Array) or a.ndim != nd or a.layout != "C":
+        if not isinstance(a, types.Array) or a.ndim != nd:
+            raise TypingError(f"{fname}: {name} must be a {nd}-D array")
+        if contiguous and a.layout != "C":
             raise TypingError(f"{fname}: {name} must be a C-contiguous {nd}-D array")
     kinds = {a.dtype for name, a, _ in arrays if name in floats}
     if len(kinds) != 1 or kinds.pop() not in (types.float32, types.float64):
         raise TypingError(f"{fname}: {', '.join(floats)} must share a float dtype")
+
+
+def _switch(builder, intp, value, cases, name, emit):
+    """One block per case, emit(case) filling it, chosen by value at run time; any
+    other value does nothing."""
+    done = builder.append_basic_block(f"{name}.done")
+    switch = builder.switch(value, done)
+    for case in cases:
+        block = builder.append_basic_block(f"{name}.{case}")
+        switch.add_case(ir.Constant(intp, case), block)
+        builder.position_at_end(block)
+        emit(case)
+        builder.branch(done)
+    builder.position_at_end(done)
 
 
 class _Vectors:
@@ -152,16 +169,10 @@ def combine_whole_row(typingctx, out, i, idx, val, q0, q1, M):
         n = builder.udiv(builder.add(n_out, builder.sub(lanes, ir.Constant(vec.intp, 1))), lanes)
         jl = builder.sub(n_out, lanes)
         j0 = ir.Constant(vec.intp, 0)
-        done = builder.append_basic_block("whole_row.done")
-        switch = builder.switch(n, done)
         lo, hi = WHOLE_ROW_VECTORS
-        for n_vec in range(lo, hi + 1):
-            block = builder.append_basic_block(f"whole_row.{n_vec}")
-            switch.add_case(ir.Constant(vec.intp, n_vec), block)
-            builder.position_at_end(block)
-            _emit_combine(builder, vec, o, ix, vl, m, i_, j0, q0_, q1_, n_vec, jl)
-            builder.branch(done)
-        builder.position_at_end(done)
+        _switch(builder, vec.intp, n, range(lo, hi + 1), "whole_row",
+                lambda n_vec: _emit_combine(builder, vec, o, ix, vl, m, i_, j0, q0_, q1_,
+                                            n_vec, jl))
         return context.get_dummy_value()
     return types.none(out, i, idx, val, q0, q1, M), codegen
 
