@@ -286,15 +286,28 @@ def _scatter_intrinsic(n_vec):
             # D's row stays in registers for the whole run of nonzeros.
             drow = _row_ptr(builder, d, r_, j0_)
             dv = [builder.load(vec.ptr(drow, v), align=vec.align) for v in range(n_vec)]
+            # The row's old contents are kept or zeroed by a bit mask, all ones where
+            # touched[k] (a bool, 0 or 1) and zeros where not: whether a row was seen
+            # before is close to a coin toss early in a batch, so this must not be a
+            # branch, and LLVM's x86 back end turned `select(seen, load, 0)` into
+            # one (perf: mispredicted branches were the hottest instructions of a
+            # seed002 epoch). Masking gives the same bits as the select: stale
+            # contents, even NaN, become +0.0 and are never multiplied.
+            ity = ir.IntType(D_t.dtype.bitwidth)
+            ivty = ir.VectorType(ity, vec.lanes)
+            i32 = ir.IntType(32)
             with vec.nonzeros(ix, vl, q0_, q1_) as (k, xv):
-                seen = builder.icmp_unsigned("!=", builder.load(builder.gep(tc.data, [k])),
-                                             ir.Constant(ir.IntType(8), 0))
+                seen = builder.zext(builder.load(builder.gep(tc.data, [k])), ity)
+                mask = builder.insert_element(ir.Constant(ivty, ir.Undefined),
+                                              builder.neg(seen), ir.Constant(i32, 0))
+                mask = builder.shuffle_vector(mask, ir.Constant(ivty, ir.Undefined),
+                                              ir.Constant(ir.VectorType(i32, vec.lanes),
+                                                          [0] * vec.lanes))
                 row = _row_ptr(builder, g, k, j0_)
                 for v in range(n_vec):
                     p = vec.ptr(row, v)
-                    # A select, not a branch: whether a row was seen before is close to a
-                    # coin toss early in a batch. Stale contents are never multiplied.
-                    base = builder.select(seen, builder.load(p, align=vec.align), vec.zero)
+                    old = builder.bitcast(builder.load(p, align=vec.align), ivty)
+                    base = builder.bitcast(builder.and_(old, mask), vec.vty)
                     builder.store(builder.call(vec.fma, [xv, dv[v], base]), p, align=vec.align)
             return context.get_dummy_value()
         return sig, codegen
