@@ -47,8 +47,15 @@ from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_
 #   16 (32) 0.025 / 0.044, 32 (16) 0.026 / 0.054, 32 (32) 0.024 / 0.043,
 #   48 (50) 0.043 / 0.049, 64 (50) 0.037 / 0.044, 64 (100) 0.034 / 0.044,
 #   96 (100) 0.052 / 0.049, 100 (100) 0.089 / 0.054, 128 (100) 0.062 / 0.063
-# (100 units leave 4 columns past the last 8-lane vector, added one by one).
-SCATTER_MAX_UNITS = 64
+# (100 units then left 4 columns past the last 8-lane vector, added one by one).
+# Measured again on Zen 3 (AVX2) after the scatter lost its mispredicted branch and
+# its scalar tail (kernels/simd.py), weight gradients only, batch chunks of 100,
+# 10 interleaved runs, best and median, scatter against CSC:
+#   64 0.104/0.131 against 0.130/0.161 (scatter faster 10 of 10 times),
+#   100 0.151/0.170 against 0.156/0.172 (3 of 10), 128 0.154/0.194 against
+#   0.191/0.227 (10 of 10), 160 0.178/0.228 against 0.185/0.219 (6 of 10),
+#   192 0.232/0.279 against 0.219/0.252 (4 of 10).
+SCATTER_MAX_UNITS = 128
 
 
 @njit(cache=True, error_model="numpy")
