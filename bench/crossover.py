@@ -52,8 +52,7 @@ def measure(shape, dtype, rounds):
     D = rng.normal(size=(M, N)).astype(dtype)
     out, dW, back = np.zeros((M, N), dtype), np.zeros((K, N), dtype), np.zeros((M, K), dtype)
     n = max(3, int(3e7 / (2 * M * K * N)))
-    lanes = gemm.VECTOR_BYTES // np.dtype(dtype).itemsize
-    products = {"X W": 0, "X^T D": 1, "D W^T": 2} if N >= lanes else {"D W^T": 2}
+    products = {"X W": 0, "X^T D": 1, "D W^T": 2} if N >= gemm.lanes_of(D) else {"D W^T": 2}
     best = {}
     for name, which in products.items():
         for f in (_tiles, _blas):

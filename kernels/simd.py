@@ -71,11 +71,23 @@ class _Vectors:
         b = self.builder
         return b.bitcast(b.gep(base, [ir.Constant(self.intp, v * self.lanes)]), self.vty.as_pointer())
 
+    def tile_ptr(self, base, v, n_vec, j0, jl):
+        """Pointer to vector v of a tile of n_vec vectors whose columns start at j0
+        (base points there): the v-th vector, except that the last one starts at
+        column jl when jl is given (ending on a row's last column, overlapping the
+        one before)."""
+        if jl is not None and v == n_vec - 1:
+            b = self.builder
+            return b.bitcast(b.gep(base, [b.sub(jl, j0)]), self.vty.as_pointer())
+        return self.ptr(base, v)
+
     def splat(self, x):
+        """A vector of this width with x (a float or an integer) in every lane."""
         b = self.builder
         i32 = ir.IntType(32)
-        xv = b.insert_element(ir.Constant(self.vty, ir.Undefined), x, ir.Constant(i32, 0))
-        return b.shuffle_vector(xv, ir.Constant(self.vty, ir.Undefined),
+        vty = ir.VectorType(x.type, self.lanes)
+        xv = b.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(i32, 0))
+        return b.shuffle_vector(xv, ir.Constant(vty, ir.Undefined),
                                 ir.Constant(ir.VectorType(i32, self.lanes), [0] * self.lanes))
 
     def nonzeros(self, ix, vl, q0, q1):
@@ -101,10 +113,7 @@ def _emit_combine(builder, vec, o, ix, vl, m, i_, j0_, q0_, q1_, n_vec, jl_=None
     columns from j0 (the last one at jl instead, when given), each an accumulator
     in a register while the loop runs over the nonzeros."""
     def ptr(base, v):
-        if jl_ is not None and v == n_vec - 1:
-            return builder.bitcast(builder.gep(base, [builder.sub(jl_, j0_)]),
-                                   vec.vty.as_pointer())
-        return vec.ptr(base, v)
+        return vec.tile_ptr(base, v, n_vec, j0_, jl_)
     accs = [cgutils.alloca_once_value(builder, vec.zero) for _ in range(n_vec)]
     with vec.nonzeros(ix, vl, q0_, q1_) as (k, xv):
         row = _row_ptr(builder, m, k, j0_)
@@ -300,21 +309,14 @@ def _emit_scatter(builder, vec, g, tc, d, ix, vl, r_, j0_, q0_, q1_, n_vec, jl_=
     same bits.
     """
     ivty = vec.ivty
-    i32 = ir.IntType(32)
 
     def ptr(base, v):
-        if jl_ is not None and v == n_vec - 1:
-            return builder.bitcast(builder.gep(base, [builder.sub(jl_, j0_)]),
-                                   vec.vty.as_pointer())
-        return vec.ptr(base, v)
+        return vec.tile_ptr(base, v, n_vec, j0_, jl_)
     drow = _row_ptr(builder, d, r_, j0_)
     dv = [builder.load(ptr(drow, v), align=vec.align) for v in range(n_vec)]
     with vec.nonzeros(ix, vl, q0_, q1_) as (k, xv):
         seen = builder.zext(builder.load(builder.gep(tc.data, [k])), ivty.element)
-        mask = builder.insert_element(ir.Constant(ivty, ir.Undefined), builder.neg(seen),
-                                      ir.Constant(i32, 0))
-        mask = builder.shuffle_vector(mask, ir.Constant(ivty, ir.Undefined),
-                                      ir.Constant(ir.VectorType(i32, vec.lanes), [0] * vec.lanes))
+        mask = vec.splat(builder.neg(seen))
         row = _row_ptr(builder, g, k, j0_)
         new = []
         for v in range(n_vec):
