@@ -127,12 +127,15 @@ class Engine:
         # Which rows of W_1 each chunk's sparse weight gradient wrote.
         self.touched = np.zeros((T, n_in), dtype=np.bool_)
         # Each chunk's rows sorted by pixel (a CSC) for that weight gradient, where it
-        # sums from one: layers wider than the scatter's (epoch.weight_grad_sparse).
-        csc = self.sparse and sizes[1] > epoch.SCATTER_MAX_UNITS
-        rows = -(-B // T) if csc else 0
-        self.cptr = np.zeros((T, n_in + 1), dtype=np.int64)
-        self.crow = np.zeros((T, rows * n_in), dtype=np.int32)
-        self.cval = np.zeros((T, rows * n_in), dtype=dt)
+        # sums from one (epoch.weight_grad_csc): layers wider than the scatter's. None
+        # otherwise, which compiles the epoch without the CSC.
+        if self.sparse and sizes[1] > epoch.SCATTER_MAX_UNITS:
+            rows = -(-B // T)
+            self.cptr = np.zeros((T, n_in + 1), dtype=np.int64)
+            self.crow = np.zeros((T, rows * n_in), dtype=np.int32)
+            self.cval = np.zeros((T, rows * n_in), dtype=dt)
+        else:
+            self.cptr = self.crow = self.cval = None
         self.loss_parts = np.zeros(T, dtype=np.float64)
         self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)

@@ -21,11 +21,13 @@ Dense matrix products go, chunk by chunk, through register tiles (gemm.py) or BL
 (np.dot into views of each chunk's rows), as dense.py chooses by width and CPU;
 the caller limits BLAS to one thread, since the chunks already use every core. With a
 sparse input (MNIST is ~81% zeros) the first layer's forward product reads the data
-as CSR (indptr, indices, values), and its weight gradient (weight_grad_sparse)
-adds each nonzero pixel's contribution into its row of dW, or, for wide layers,
-sorts each chunk's nonzeros by pixel and sums each row of dW from them; only
-nonzero pixels cost anything, and rows of W_1 whose pixel is zero in the whole
-batch are not touched (their gradient is exactly zero).
+as CSR (indptr, indices, values), and its weight gradient adds each nonzero
+pixel's contribution into its row of dW (weight_grad_scatter), or, for layers
+wider than SCATTER_MAX_UNITS, sorts each chunk's nonzeros by pixel and sums each
+row of dW from them (weight_grad_csc); only nonzero pixels cost anything, and rows
+of W_1 whose pixel is zero in the whole batch are not touched (their gradient is
+exactly zero). The caller picks one of the two by the type of the CSC workspaces
+(None for the scatter), so that only that one is compiled.
 
 The per-chunk kernels run with subnormal floats flushed to zero (kernels/fpenv.py):
 decaying optimiser moments otherwise reach the slow subnormal path.
@@ -59,29 +61,18 @@ SCATTER_MAX_UNITS = 128
 
 
 @njit(cache=True, error_model="numpy")
-def weight_grad_sparse(indptr, indices, values, rows, r0, r1, D, dW, db, touched, cptr, crow,
-                       cval):
+def weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touched):
     """First-layer weight gradient for a sparse input, touching only nonzero pixels.
 
     dW[k] = sum of x D[r] over the nonzeros x = X[rows[r], k], in ascending r
     (deterministic), for every pixel k nonzero in some row r0..r1-1; other rows
     of dW are not written: touched[k] = False says so, and their gradient is
-    exactly zero. db = column sums of D. Both ways below add the same products in
-    the same order (the same bits); SCATTER_MAX_UNITS picks the faster one.
-    """
-    if dW.shape[1] <= SCATTER_MAX_UNITS:
-        weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touched)
-    else:
-        weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, cptr, crow,
-                        cval)
+    exactly zero. db = column sums of D.
 
-
-@njit(cache=True, error_model="numpy")
-def weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touched):
-    """weight_grad_sparse by adding each nonzero x = X[rows[r], k] times D[r] into
-    dW[k], row after row; D[r] stays in vector registers while its row's
-    nonzeros are added (kernels/simd.py's sparse_scatter_row), and a row of dW
-    seen for the first time is written, not added to."""
+    Each nonzero is added into its row of dW, row after row; D[r] stays in vector
+    registers while its row's nonzeros are added (kernels/simd.py's
+    sparse_scatter_row), and a row of dW seen for the first time is written, not
+    added to. weight_grad_csc gives the same bits another way."""
     for k in range(dW.shape[0]):
         touched[k] = False
     for r in range(r0, r1):
@@ -96,7 +87,8 @@ def weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touche
 @njit(cache=True, error_model="numpy")
 def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, cptr, crow,
                     cval):
-    """weight_grad_sparse by first sorting the chunk's rows by pixel (a counting
+    """weight_grad_scatter's gradient (the same bits) by first sorting the chunk's
+    rows by pixel (a counting
     sort into the workspaces cptr (n_in + 1), crow and cval (at least (r1 - r0) *
     n_in), a CSC of the chunk), so that each dW[k] is summed in vector registers
     from the rows of D, which stay in L1, and written once. For wide layers this
@@ -149,7 +141,9 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, va
     """Forward and backward for chunk t of the batch of rows order[start:start+nb],
     (start, nb) = batch: its rows r0..r1-1, one of loss_parts.shape[0] equal
     shares. Writes the chunk's summed loss and number correct into loss_parts[t]
-    and correct_parts[t]."""
+    and correct_parts[t]. cptr, crow and cval are each chunk's CSC workspaces
+    for weight_grad_csc, or all three None where weight_grad_scatter takes the
+    first layer."""
     start, nb = batch[0], batch[1]
     n_chunks = loss_parts.shape[0]
     r0 = t * nb // n_chunks
@@ -180,8 +174,16 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, va
         backprop_rows(Ds[l], Ws[l], As[l - 1], acts[l - 1], Ds[l - 1], r0, r1)
         weight_grad_rows(As[l - 1], Ds[l], dWs[l][t], dbs[l][t], r0, r1)
     if sparse:
-        weight_grad_sparse(indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t], dbs[0][t],
-                           touched[t], cptr[t], crow[t], cval[t])
+        # cptr is None for layers the scatter takes: numba then drops the other
+        # branch before typing it, so a process compiles only the way it uses
+        # (seed000, empty cache, alternating processes: 36.0, 36.2, 33.3 s to the
+        # end of a first epoch with both compiled, 34.5, 28.5, 34.2 s without).
+        if cptr is None:
+            weight_grad_scatter(indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t],
+                                dbs[0][t], touched[t])
+        else:
+            weight_grad_csc(indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t], dbs[0][t],
+                            touched[t], cptr[t], crow[t], cval[t])
     else:
         weight_grad_rows(A0, Ds[0], dWs[0][t], dbs[0][t], r0, r1)
     loss_parts[t] = total

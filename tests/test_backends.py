@@ -17,8 +17,11 @@ from conftest import random_model, random_targets
 NETS = [
     ([784, 64, 32, 16, 10], "sigmoid", "squared_error"),                     # seed 000
     ([784, 32, 16, 10], ["tanh", "tanh", "softmax"], "cross_entropy"),       # seed 002
-    # scikit-learn's default; wider than the scatter's 64: the per-chunk CSC gradient
+    # scikit-learn's default, the widest first layer in the bench configurations
+    # that the scatter gradient takes (epoch.SCATTER_MAX_UNITS)
     ([784, 100, 10], ["relu", "softmax"], "cross_entropy"),
+    # wider than SCATTER_MAX_UNITS: the per-chunk CSC gradient
+    ([784, 136, 10], ["relu", "softmax"], "cross_entropy"),
     ([17, 9, 3], ["relu", "sigmoid"], "cross_entropy"),
     ([5, 4, 1], ["tanh", "linear"], "squared_error"),
     ([13, 7, 4], ["relu", "softmax"], "squared_error"),
@@ -72,6 +75,10 @@ def test_epoch_equals_reference_float64(sizes, acts, loss, threads):
     with engine.threads_context():
         engine.prepare(X, Y)
         t_got, c_got, bad, done = engine.train_batches(order, bs, 0, -(-n // bs), 0.1)
+    # NETS covers both sparse weight gradients of the compiled epoch.
+    from fastmlp.kernels.epoch import SCATTER_MAX_UNITS
+    assert engine.sparse == (sizes[0] == 784)
+    assert (engine.cptr is not None) == (engine.sparse and sizes[1] > SCATTER_MAX_UNITS)
     assert done == -(-n // bs)
     assert bad == -1
     assert c_got == c_ref

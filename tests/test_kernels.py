@@ -185,7 +185,7 @@ def test_vectorised_math_accuracy():
 
 def _scatter_weight_grad(indptr, indices, values, rows, r0, r1, D, dW):
     """The sparse weight gradient the plain way: each nonzero added into its row of
-    dW, in row order (the order weight_grad_sparse promises)."""
+    dW, in row order (the order weight_grad_scatter promises)."""
     from numba import njit
 
     @njit(fastmath={"contract"})
@@ -200,7 +200,7 @@ def _scatter_weight_grad(indptr, indices, values, rows, r0, r1, D, dW):
     scatter(indptr, indices, values, rows, r0, r1, D, dW)
 
 
-@pytest.mark.parametrize("way", ["weight_grad_sparse", "weight_grad_scatter", "weight_grad_csc"])
+@pytest.mark.parametrize("way", ["weight_grad_scatter", "weight_grad_csc"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_weight_grad_sparse(dtype, way):
     from fastmlp.kernels import epoch
@@ -223,8 +223,8 @@ def test_weight_grad_sparse(dtype, way):
         if way == "weight_grad_scatter":
             epoch.weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touched)
         else:
-            getattr(epoch, way)(indptr, indices, values, rows, r0, r1, D, dW, db, touched,
-                                cptr, crow, cval)
+            epoch.weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched,
+                                  cptr, crow, cval)
         Xb = X[rows[r0:r1]]
         np.testing.assert_array_equal(touched, (Xb != 0).any(axis=0))
         assert np.isnan(dW[~touched]).all()     # untouched rows are not written
