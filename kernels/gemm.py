@@ -25,6 +25,8 @@ Every output number is a sum in a fixed order (fused multiply-adds along the
 inner dimension; for gemm_nt, per lane, then halved, then the tail), so results
 are the same bits on every run and for every split of the rows between threads.
 """
+import numpy as np
+
 from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, types
@@ -245,7 +247,11 @@ def gemm_panels(C, A, B, i_lo, i_hi, a_base, ais, aks, b0, K):
 def gemm_rows(X, W, out, r0, r1):
     """out[r] = X[r] W for rows r0..r1-1 (W at least one vector wide)."""
     xs = X.strides[0] // X.itemsize
-    gemm_panels(out, X, W, r0, r1, 0, xs, 1, 0, X.shape[1])
+    # np.int64 rather than bare 0 and 1: numba types a literal argument as
+    # Literal[int], and the two callers' literals in different places compiled
+    # gemm_panels twice (about 1 s of a cold start).
+    one, zero = np.int64(1), np.int64(0)
+    gemm_panels(out, X, W, r0, r1, zero, xs, one, zero, X.shape[1])
 
 
 @njit(cache=True, error_model="numpy")
@@ -253,7 +259,7 @@ def gemm_tn(X, D, dW, r0, r1):
     """dW = X[r0:r1]^T D[r0:r1] (D at least one vector wide): dW[k] sums X[r, k] D[r]
     over r in ascending order."""
     xs = X.strides[0] // X.itemsize
-    gemm_panels(dW, X, D, 0, X.shape[1], r0 * xs, 1, xs, r0, r1 - r0)
+    gemm_panels(dW, X, D, np.int64(0), X.shape[1], r0 * xs, np.int64(1), xs, r0, r1 - r0)
 
 
 @njit(cache=True, error_model="numpy")
