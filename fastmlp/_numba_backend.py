@@ -168,11 +168,14 @@ class Engine:
         # The arguments of the two per-chunk kernels after the chunk number. Each is
         # compiled (or loaded from the cache) on its own for exactly these types, and
         # train_epoch calls it through its address.
+        fns = epoch.chunk_kernels(Ws, bs_, self.codes, self.sparse, self.indptr, self.indices,
+                                  self.values, order, self.A0, self.As, self.Ds, self.dWs,
+                                  self.dbs, self.touched, self.cptr, self.crow, self.cval)
         fb_args = (Ws, bs_, self.codes, self.loss_code, self.X, self.sparse, self.indptr,
                    self.indices, self.values, self.Y, order, self.batch, self.A0, self.Yb,
                    self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr, self.crow,
                    self.cval, self.tiny, self.top,
-                   self.loss_parts, self.correct_parts)
+                   self.loss_parts, self.correct_parts, fns)
         up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, opt, self.scalars,
                    Ms, Vs, mbs, vbs, self.sq_parts)
         kernels = np.array(native.address(epoch.chunk_forward_backward, (np.int64(0),) + fb_args)
@@ -186,7 +189,9 @@ class Engine:
             raise RuntimeError("fastmlp internal error: train_epoch packs arguments of other "
                                "types than the per-chunk kernels were compiled for")
         if bad == epoch.KERNEL_FAILED:
-            raise RuntimeError("fastmlp internal error: a per-chunk kernel reported an error")
+            raise RuntimeError("fastmlp internal error: a per-chunk kernel reported an error "
+                               "(or one of the kernels it calls was compiled for other "
+                               "argument types)")
         return float(total), int(correct), int(bad), int(done)
 
 

@@ -8,13 +8,17 @@ Per batch, two parallel regions and nothing else:
 2. each chunk owns a contiguous share of all weight rows and applies
    W -= lr/B * (partial_0 + partial_1 + ...), summed in chunk order.
 No two threads ever write the same number, so for a given n_chunks (thread
-count) the result is bit for bit the same on every run. The two per-chunk
+count) the result is bit for bit the same on every run.
+
+Numba copies a called function's code into the caller's module and optimises
+and compiles it again there. To keep a cold start short, the two per-chunk
 kernels are compiled on their own and called through their addresses
-(fastmlp.kernels.native), so that compiling train_epoch does not compile them
-again inside it; both regions are run_chunks, a parallel function of its own, so
-that train_epoch is not one (numba's parallel passes over train_epoch and its two
-loop bodies cost a cold start about 1 s more: train_epoch 4.2-4.4 s before, 3.1 s
-plus 0.4 s for run_chunks after).
+(fastmlp.kernels.native's pack_call), and chunk_forward_backward calls the layer
+kernels the same way (call_at; chunk_kernels finds their addresses); both
+parallel regions are run_chunks, a parallel function of its own, so that
+train_epoch is not one (numba's parallel passes over train_epoch and its two loop
+bodies cost a cold start about 1 s more: train_epoch 4.2-4.4 s before, 3.1 s plus
+0.4 s for run_chunks after).
 
 Parameters and workspaces are tuples of arrays, one per layer: Ws[l] (n_in,
 n_out), bs[l] (n_out,), As[l] and Ds[l] (batch, n_out), dWs[l] (n_chunks, n_in,
@@ -39,7 +43,8 @@ import numpy as np
 from numba import njit, prange
 
 from .fpenv import flush_subnormals, restore_fp_state
-from .native import call_packed, pack_call
+from . import native
+from .native import call_at, call_packed, pack_call
 from .simd import combine_whole_row, sparse_combine_row, sparse_scatter_row, takes_whole_row
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
                     csr_matmul_rows, matmul_rows, output_delta_rows, weight_grad_rows)
@@ -136,11 +141,18 @@ def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, c
     column_sums_rows(D, db, r0, r1)
 
 
+# chunk_forward_backward's kernels, each called through its (address, signature key)
+# in a row of fns (fastmlp.kernels.native.call_at; chunk_kernels fills them): linked
+# in, their code was compiled again inside chunk_forward_backward, whose module
+# then held 19,000 LLVM instructions.
+CSR_MATMUL, MATMUL, BIAS_ACTIVATE, BACKPROP, WEIGHT_GRAD, SPARSE_GRAD = range(6)
+
+
 # Called only through its address from train_epoch: no wrappers for Python or C.
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order,
                            batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval, tiny, top,
-                           loss_parts, correct_parts):
+                           loss_parts, correct_parts, fns):
     """Forward and backward for chunk t of the batch of rows order[start:start+nb],
     (start, nb) = batch: its rows r0..r1-1, one of loss_parts.shape[0] equal
     shares. Writes the chunk's summed loss and number correct into loss_parts[t]
@@ -159,38 +171,70 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, va
         for j in range(n_out):
             Yb[r, j] = Y[src, j]
     n_in = A0.shape[1]
+    ok = True
     if sparse:
-        csr_matmul_rows(indptr, indices, values, rows, Ws[0], As[0], r0, r1)
+        ok &= call_at(fns[CSR_MATMUL], (indptr, indices, values, rows, Ws[0], As[0], r0, r1))
     else:
         for r in range(r0, r1):
             src = rows[r]
             for k in range(n_in):
                 A0[r, k] = X[src, k]
-        matmul_rows(A0, Ws[0], As[0], r0, r1)
-    bias_activate_rows(acts[0], bs[0], As[0], r0, r1)
+        ok &= call_at(fns[MATMUL], (A0, Ws[0], As[0], r0, r1))
+    ok &= call_at(fns[BIAS_ACTIVATE], (acts[0], bs[0], As[0], r0, r1))
     for l in range(1, L):
-        matmul_rows(As[l - 1], Ws[l], As[l], r0, r1)
-        bias_activate_rows(acts[l], bs[l], As[l], r0, r1)
+        ok &= call_at(fns[MATMUL], (As[l - 1], Ws[l], As[l], r0, r1))
+        ok &= call_at(fns[BIAS_ACTIVATE], (acts[l], bs[l], As[l], r0, r1))
     total, correct = output_delta_rows(loss, acts[L - 1], As[L - 1], Yb, Ds[L - 1], tiny, top,
                                        r0, r1)
     for l in range(L - 1, 0, -1):
-        backprop_rows(Ds[l], Ws[l], As[l - 1], acts[l - 1], Ds[l - 1], r0, r1)
-        weight_grad_rows(As[l - 1], Ds[l], dWs[l][t], dbs[l][t], r0, r1)
+        ok &= call_at(fns[BACKPROP], (Ds[l], Ws[l], As[l - 1], acts[l - 1], Ds[l - 1], r0, r1))
+        ok &= call_at(fns[WEIGHT_GRAD], (As[l - 1], Ds[l], dWs[l][t], dbs[l][t], r0, r1))
     if sparse:
         # cptr is None for layers the scatter takes: numba then drops the other
         # branch before typing it, so a process compiles only the way it uses
         # (seed000, empty cache, alternating processes: 36.0, 36.2, 33.3 s to the
         # end of a first epoch with both compiled, 34.5, 28.5, 34.2 s without).
         if cptr is None:
-            weight_grad_scatter(indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t],
-                                dbs[0][t], touched[t])
+            ok &= call_at(fns[SPARSE_GRAD], (indptr, indices, values, rows, r0, r1, Ds[0],
+                                             dWs[0][t], dbs[0][t], touched[t]))
         else:
-            weight_grad_csc(indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t], dbs[0][t],
-                            touched[t], cptr[t], crow[t], cval[t])
+            ok &= call_at(fns[SPARSE_GRAD], (indptr, indices, values, rows, r0, r1, Ds[0],
+                                             dWs[0][t], dbs[0][t], touched[t], cptr[t], crow[t],
+                                             cval[t]))
     else:
-        weight_grad_rows(A0, Ds[0], dWs[0][t], dbs[0][t], r0, r1)
+        ok &= call_at(fns[WEIGHT_GRAD], (A0, Ds[0], dWs[0][t], dbs[0][t], r0, r1))
+    if not ok:
+        raise RuntimeError("chunk_forward_backward: a kernel in fns was compiled for other "
+                           "argument types, or failed")
     loss_parts[t] = total
     correct_parts[t] = correct
+
+
+def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, A0, As, Ds, dWs, dbs,
+                  touched, cptr, crow, cval):
+    """fns for chunk_forward_backward (called from Python with the same arrays): each
+    row the (address, signature key) of its kernel, compiled (or loaded from
+    numba's cache) for the argument types chunk_forward_backward passes it; the
+    rows of kernels a sparse or dense input does not use are (0, -1)."""
+    i, act = np.int64(0), np.int64(acts[0])
+    fns = np.zeros((6, 2), dtype=np.int64)
+    fns[:, 1] = -1
+
+    def put(row, kernel, *args):
+        fns[row] = native.address(kernel, args)
+    put(MATMUL, matmul_rows, As[0], Ws[0], As[0], i, i)
+    put(BIAS_ACTIVATE, bias_activate_rows, act, bs[0], As[0], i, i)
+    put(BACKPROP, backprop_rows, Ds[0], Ws[0], As[0], act, Ds[0], i, i)
+    put(WEIGHT_GRAD, weight_grad_rows, As[0], Ds[0], dWs[0][0], dbs[0][0], i, i)
+    if sparse:
+        rows = order[0:]
+        put(CSR_MATMUL, csr_matmul_rows, indptr, indices, values, rows, Ws[0], As[0], i, i)
+        grad = (indptr, indices, values, rows, i, i, Ds[0], dWs[0][0], dbs[0][0], touched[0])
+        if cptr is None:
+            put(SPARSE_GRAD, weight_grad_scatter, *grad)
+        else:
+            put(SPARSE_GRAD, weight_grad_csc, *grad, cptr[0], crow[0], cval[0])
+    return fns
 
 
 SGD, MOMENTUM, NESTEROV, ADAM = 0, 1, 2, 3  # fastmlp.optimizers' codes

@@ -116,6 +116,35 @@ def call_packed(typingctx, tramp, block, t):
     return types.boolean(tramp, block, t), codegen
 
 
+@intrinsic
+def call_at(typingctx, fn, args):
+    """Call the kernel whose (address, signature key) fn holds (a 1-D int64 array of
+    two, from address()) with the arguments args (a tuple; the kernel returns None).
+    Returns False when key is not signature_key of args' types (the kernel is then
+    not called) or when the kernel reported an error (it raised)."""
+    if not (isinstance(fn, types.Array) and fn.ndim == 1 and fn.dtype == types.int64):
+        raise TypingError("call_at: fn must be a 1-D int64 array (address, key)")
+    if not isinstance(args, types.BaseTuple):
+        raise TypingError("call_at: args must be a tuple")
+    argtypes = tuple(args)
+    expected = signature_key(argtypes)
+
+    def codegen(context, builder, signature, llargs):
+        arr = context.make_array(fn)(context, builder, llargs[0])
+        addr = builder.load(builder.gep(arr.data, [ir.Constant(_I64, 0)]))
+        key = builder.load(builder.gep(arr.data, [ir.Constant(_I64, 1)]))
+        values = cgutils.unpack_tuple(builder, llargs[1], len(argtypes))
+        done = cgutils.alloca_once_value(builder, cgutils.false_bit)
+        with builder.if_then(builder.icmp_signed("==", key, ir.Constant(_I64, expected))):
+            fnty = context.call_conv.get_function_type(types.none, argtypes)
+            status, _ = context.call_conv.call_function(
+                builder, builder.inttoptr(addr, fnty.as_pointer()), types.none, argtypes, values)
+            builder.store(builder.not_(status.is_error), done)
+        return builder.load(done)
+
+    return types.boolean(fn, args), codegen
+
+
 _ADDRESSES = {}
 
 

@@ -1,12 +1,13 @@
 """fastmlp.kernels.native: kernels called through their addresses from a parallel
-loop, against the same arithmetic in NumPy; the signature guard; errors."""
+loop (pack_call, call_packed) or directly (call_at), against the same arithmetic in
+NumPy; the signature guard; errors."""
 import numpy as np
 import pytest
 from numba import njit, prange
 
 import fastmlp
 from fastmlp.kernels import native
-from fastmlp.kernels.native import call_packed, pack_call
+from fastmlp.kernels.native import call_at, call_packed, pack_call
 
 
 @njit(no_cpython_wrapper=True, no_cfunc_wrapper=True)
@@ -109,3 +110,63 @@ def test_address_is_remembered_per_argument_types():
     strided = native.address(_axpy_row, (np.int64(0), 2.0, X[:, ::2], X.copy()[:, ::2]))
     assert len({first[1], other[1], strided[1]}) == 3
     assert len({first[0], other[0], strided[0]}) == 3
+
+
+@njit
+def _scale_row(X, i, a):
+    for j in range(X.shape[1]):
+        X[i, j] *= a
+
+
+@njit
+def _call_scale(fn, X, i, a):
+    return call_at(fn, (X, i, a))
+
+
+@njit
+def _raise_if(flag):
+    if flag:
+        raise ValueError("kernel error")
+
+
+@njit
+def _call_raise(fn, flag):
+    return call_at(fn, (flag,))
+
+
+def test_call_at_calls_the_kernel_for_its_types_only():
+    X = np.arange(6.0).reshape(2, 3)
+    fn = np.array(native.address(_scale_row, (X, np.int64(1), 2.0)), dtype=np.int64)
+    assert _call_scale(fn, X, 1, 2.0)
+    np.testing.assert_array_equal(X, [[0, 1, 2], [6, 8, 10]])
+    wrong = fn.copy()
+    wrong[1] += 1
+    assert not _call_scale(wrong, X, 1, 2.0)
+    # float32 rows are other types than the kernel was compiled for: not called.
+    X32 = X.astype(np.float32)
+    assert not _call_scale(fn, X32, 1, 2.0)
+    np.testing.assert_array_equal(X, [[0, 1, 2], [6, 8, 10]])
+    np.testing.assert_array_equal(X32, X)
+
+
+def test_call_at_reports_a_kernel_error():
+    fn = np.array(native.address(_raise_if, (True,)), dtype=np.int64)
+    assert _call_raise(fn, False)
+    assert not _call_raise(fn, True)
+
+
+def test_engine_stops_when_a_chunk_kernel_has_other_types(monkeypatch):
+    # chunk_forward_backward calls its kernels through call_at: one whose key does
+    # not match stops the epoch in its first batch, before any weight changes.
+    from fastmlp.kernels import dense
+    model = fastmlp.MLP([5, 4, 3], ["tanh", "softmax"], seed=0)
+    before = [W.copy() for W in model.weights]
+    real = native.address
+    monkeypatch.setattr(native, "address", lambda d, args: (
+        (real(d, args)[0], 12345) if d is dense.matmul_rows else real(d, args)))
+    X = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    trainer = fastmlp.Trainer(model, "cross_entropy", lr=0.1, batch_size=4, seed=0)
+    with pytest.raises(RuntimeError, match="per-chunk kernel"):
+        trainer.fit(X, np.arange(8) % 3, epochs=1)
+    for W, W0 in zip(model.weights, before):
+        np.testing.assert_array_equal(W, W0)
