@@ -169,8 +169,8 @@ class Engine:
         # compiled (or loaded from the cache) on its own for exactly these types, and
         # train_epoch calls it through its address.
         fns = epoch.chunk_kernels(Ws, bs_, self.codes, self.sparse, self.indptr, self.indices,
-                                  self.values, order, self.A0, self.As, self.Ds, self.dWs,
-                                  self.dbs, self.touched, self.cptr, self.crow, self.cval)
+                                  self.values, order, self.As, self.Ds, self.dWs, self.dbs,
+                                  self.touched, self.cptr, self.crow, self.cval)
         fb_args = (Ws, bs_, self.codes, self.loss_code, self.X, self.sparse, self.indptr,
                    self.indices, self.values, self.Y, order, self.batch, self.A0, self.Yb,
                    self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr, self.crow,

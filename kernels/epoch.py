@@ -96,10 +96,10 @@ def weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touche
 def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, cptr, crow,
                     cval):
     """weight_grad_scatter's gradient (the same bits) by first sorting the chunk's
-    rows by pixel (a counting
-    sort into the workspaces cptr (n_in + 1), crow and cval (at least (r1 - r0) *
-    n_in), a CSC of the chunk), so that each dW[k] is summed in vector registers
-    from the rows of D, which stay in L1, and written once. For wide layers this
+    rows by pixel (a counting sort into the workspaces cptr (n_in + 1), crow and
+    cval (at least (r1 - r0) * n_in), a CSC of the chunk), so that each dW[k] is
+    summed in vector registers from the rows of D, which stay in L1, and written
+    once. For wide layers this
     beats reading and writing dW's row for every nonzero (the scatter): one MNIST
     epoch of first-layer forward products and weight gradients, one thread, batch
     chunks of 100, on an Intel Xeon (2 MiB L2): 0.142 against 0.171 s (100 units).
@@ -194,13 +194,11 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, va
         # branch before typing it, so a process compiles only the way it uses
         # (seed000, empty cache, alternating processes: 36.0, 36.2, 33.3 s to the
         # end of a first epoch with both compiled, 34.5, 28.5, 34.2 s without).
+        grad = (indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t], dbs[0][t], touched[t])
         if cptr is None:
-            ok &= call_at(fns[SPARSE_GRAD], (indptr, indices, values, rows, r0, r1, Ds[0],
-                                             dWs[0][t], dbs[0][t], touched[t]))
+            ok &= call_at(fns[SPARSE_GRAD], grad)
         else:
-            ok &= call_at(fns[SPARSE_GRAD], (indptr, indices, values, rows, r0, r1, Ds[0],
-                                             dWs[0][t], dbs[0][t], touched[t], cptr[t], crow[t],
-                                             cval[t]))
+            ok &= call_at(fns[SPARSE_GRAD], grad + (cptr[t], crow[t], cval[t]))
     else:
         ok &= call_at(fns[WEIGHT_GRAD], (A0, Ds[0], dWs[0][t], dbs[0][t], r0, r1))
     if not ok:
@@ -210,12 +208,14 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, va
     correct_parts[t] = correct
 
 
-def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, A0, As, Ds, dWs, dbs,
+def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, dWs, dbs,
                   touched, cptr, crow, cval):
     """fns for chunk_forward_backward (called from Python with the same arrays): each
     row the (address, signature key) of its kernel, compiled (or loaded from
     numba's cache) for the argument types chunk_forward_backward passes it; the
-    rows of kernels a sparse or dense input does not use are (0, -1)."""
+    rows of kernels a sparse or dense input does not use are (0, -1). A dense
+    input's gathered batch A0 has the type of As[0], so MATMUL and WEIGHT_GRAD
+    serve it too."""
     i, act = np.int64(0), np.int64(acts[0])
     fns = np.zeros((6, 2), dtype=np.int64)
     fns[:, 1] = -1

@@ -84,20 +84,28 @@ def test_a_kernel_error_is_reported_per_chunk():
     np.testing.assert_array_equal(out, [0, 1, 0, 3])
 
 
+def _fit_with_wrong_keys(monkeypatch, wrong, match):
+    """One epoch with native.address giving the kernels for which wrong(dispatcher)
+    holds a key that matches no argument types: it must raise RuntimeError
+    matching match, with every weight unchanged."""
+    model = fastmlp.MLP([5, 4, 3], ["tanh", "softmax"], seed=0)
+    before = [W.copy() for W in model.weights]
+    real = native.address
+    monkeypatch.setattr(native, "address", lambda d, args: (
+        (real(d, args)[0], 12345) if wrong(d) else real(d, args)))
+    X = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+    trainer = fastmlp.Trainer(model, "cross_entropy", lr=0.1, batch_size=4, seed=0)
+    with pytest.raises(RuntimeError, match=match):
+        trainer.fit(X, np.arange(8) % 3, epochs=1)
+    for W, W0 in zip(model.weights, before):
+        np.testing.assert_array_equal(W, W0)
+
+
 def test_engine_refuses_kernels_compiled_for_other_types(monkeypatch):
     # If the Engine's argument lists and train_epoch's packing ever disagree, the
     # epoch stops before any batch with a clear error instead of running code
     # that reads the wrong layout.
-    model = fastmlp.MLP([5, 4, 3], ["tanh", "softmax"], seed=0)
-    before = [W.copy() for W in model.weights]
-    real = native.address
-    monkeypatch.setattr(native, "address", lambda d, args: (real(d, args)[0], 12345))
-    X = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
-    trainer = fastmlp.Trainer(model, "cross_entropy", lr=0.1, batch_size=4, seed=0)
-    with pytest.raises(RuntimeError, match="compiled for"):
-        trainer.fit(X, np.arange(8) % 3, epochs=1)
-    for W, W0 in zip(model.weights, before):
-        np.testing.assert_array_equal(W, W0)
+    _fit_with_wrong_keys(monkeypatch, lambda d: True, "compiled for")
 
 
 def test_address_is_remembered_per_argument_types():
@@ -159,14 +167,4 @@ def test_engine_stops_when_a_chunk_kernel_has_other_types(monkeypatch):
     # chunk_forward_backward calls its kernels through call_at: one whose key does
     # not match stops the epoch in its first batch, before any weight changes.
     from fastmlp.kernels import dense
-    model = fastmlp.MLP([5, 4, 3], ["tanh", "softmax"], seed=0)
-    before = [W.copy() for W in model.weights]
-    real = native.address
-    monkeypatch.setattr(native, "address", lambda d, args: (
-        (real(d, args)[0], 12345) if d is dense.matmul_rows else real(d, args)))
-    X = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
-    trainer = fastmlp.Trainer(model, "cross_entropy", lr=0.1, batch_size=4, seed=0)
-    with pytest.raises(RuntimeError, match="per-chunk kernel"):
-        trainer.fit(X, np.arange(8) % 3, epochs=1)
-    for W, W0 in zip(model.weights, before):
-        np.testing.assert_array_equal(W, W0)
+    _fit_with_wrong_keys(monkeypatch, lambda d: d is dense.matmul_rows, "per-chunk kernel")
