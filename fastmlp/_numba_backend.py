@@ -44,10 +44,13 @@ def num_threads(threads):
         numba.set_num_threads(before)
 
 
+_NO_INDICES = np.zeros(0, dtype=np.int32)
+
+
 def row_nonzeros(X):
     """The number of nonzeros in each row of a C-contiguous 2-D array (int64)."""
     counts = np.empty(X.shape[0], dtype=np.int64)
-    dense.row_nonzeros(X, counts)
+    dense.csr_rows(X, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype), False)
     return counts
 
 
@@ -62,7 +65,7 @@ def to_csr(X, counts=None):
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(indptr[-1], dtype=np.int32)
     values = np.empty(indptr[-1], dtype=X.dtype)
-    dense.csr_fill(X, indptr, indices, values)
+    dense.csr_rows(X, counts, indptr, indices, values, True)
     return indptr, indices, values
 
 
@@ -176,14 +179,17 @@ class Engine:
                    self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr, self.crow,
                    self.cval, self.tiny, self.top,
                    self.loss_parts, self.correct_parts, fns)
-        up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, opt, self.scalars,
-                   Ms, Vs, mbs, vbs, self.sq_parts)
+        # train_epoch builds update_share's arguments from fb_args and these, in this
+        # order (each array passed once: unboxing each costs its compile time).
+        ofn = epoch.optimizer_kernel(self.scalars)
+        up_extra = (self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
+        up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, np.int64(opt),
+                   self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
         kernels = np.array(native.address(epoch.chunk_forward_backward, (np.int64(0),) + fb_args)
                            + native.address(epoch.update_share, (np.int64(0),) + up_args),
                            dtype=np.int64)
         total, correct, bad, done = epoch.train_epoch(
-            fb_args, up_args, kernels, order, bs, b0, b1, float(lr), opt, hyper, step, stop,
-            self.batch, self.scalars, self.loss_parts, self.correct_parts, self.sq_parts,
+            fb_args, up_extra, kernels, bs, b0, b1, float(lr), np.int64(opt), hyper, step, stop,
             self.called)
         if bad == epoch.WRONG_SIGNATURE:
             raise RuntimeError("fastmlp internal error: train_epoch packs arguments of other "

@@ -328,20 +328,22 @@ PRANGE_ONLY = {"prange": True, "numpy": False, "reduction": False, "setitem": Fa
 
 
 @njit(cache=True, error_model="numpy", parallel=PRANGE_ONLY)
-def row_nonzeros(X, counts):
-    """counts[i] = number of nonzeros in row i of X (each thread owns its rows)."""
-    for i in prange(X.shape[0]):
-        c = 0
-        for k in range(X.shape[1]):
-            if X[i, k] != 0:
-                c += 1
-        counts[i] = c
+def csr_rows(X, counts, indptr, indices, values, fill):
+    """One pass over X's rows, each thread owning its rows. fill False: counts[i] =
+    the number of nonzeros in row i (indptr, indices and values are not touched).
+    fill True: the column indices and values of X's nonzeros, row by row, at
+    indptr's offsets (counts is not touched).
 
-
-@njit(cache=True, error_model="numpy", parallel=PRANGE_ONLY)
-def csr_fill(X, indptr, indices, values):
-    """Column indices and values of X's nonzeros, row by row, at indptr's offsets."""
+    Both passes are one function because each parallel function costs a cold
+    start about 0.5 s of numba's parallel passes, whatever its body."""
     for i in prange(X.shape[0]):
+        if not fill:
+            c = 0
+            for k in range(X.shape[1]):
+                if X[i, k] != 0:
+                    c += 1
+            counts[i] = c
+            continue
         q = indptr[i]
         end = indptr[i + 1]
         if q == end:

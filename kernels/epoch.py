@@ -269,6 +269,14 @@ def optimizer_row(p, g, m, v, opt, inv_n, decay, lr, mu, b1, b2, c1, c2, eps):
             p[j] -= lr * m[j] / (np.sqrt(v[j]) + eps)
 
 
+def optimizer_kernel(scalars):
+    """optimizer_row's (address, signature key) for update_share: 1-D parameter and
+    moment arrays and scalars of scalars' dtype (update_share's step scalars)."""
+    x = scalars[0]
+    return np.array(native.address(optimizer_row, (scalars, scalars, scalars, scalars,
+                                                   np.int64(0)) + (x,) * 9), dtype=np.int64)
+
+
 @njit(cache=True, error_model="numpy", fastmath={"reassoc"})
 def sum_squares(v):
     """sum of v[j]^2 in float64. reassoc lets LLVM vectorise the sum (in an order
@@ -283,13 +291,17 @@ def sum_squares(v):
 
 # Called only through its address from train_epoch, like chunk_forward_backward.
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
-def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs, vbs, sq_parts):
+def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs, vbs, sq_parts,
+                 ofn):
     """Apply the summed partial gradients to chunk t's share (one of
     sq_parts.shape[0]) of all weight rows (every layer's W rows, then its bias as
     one more row). Writes the share's sum of squared weights before the update into
     sq_parts[t] when decay > 0 (the L2 term of the loss). scalars holds
     (1/B, alpha/B, lr, momentum, beta_1, beta_2, 1 - beta_1, 1 - beta_2, epsilon)
-    in the parameters' dtype; optimizer_row says how they are used.
+    in the parameters' dtype; optimizer_row says how they are used. ofn is
+    optimizer_row's (address, signature key) for 1-D arrays and scalars of that dtype
+    (optimizer_kernel): called through it, its loops are not compiled again inside
+    this function (0.4 s of a cold start each of its two call sites).
 
     Plain SGD without L2 takes the short path W -= (lr / B) * sum, and with a
     sparse input skips rows of W_1 no chunk touched (their gradient is zero);
@@ -309,6 +321,7 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
     hi = (t + 1) * total_rows // n_chunks
     base = 0
     sq = 0.0
+    ok = True
     for l in range(L):
         W = Ws[l]
         dW = dWs[l]
@@ -351,9 +364,9 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
             a = k0 * n_out
             e = kw1 * n_out
             size = n_in * n_out
-            optimizer_row(W.reshape(size)[a:e], dW[0].reshape(size)[a:e],
-                          Ms[l].reshape(size)[a:e], Vs[l].reshape(size)[a:e], opt, inv_n, decay,
-                          lr, mu, b1, b2, c1, c2, eps)
+            ok &= call_at(ofn, (W.reshape(size)[a:e], dW[0].reshape(size)[a:e],
+                                Ms[l].reshape(size)[a:e], Vs[l].reshape(size)[a:e], opt, inv_n,
+                                decay, lr, mu, b1, b2, c1, c2, eps))
         if k0 <= n_in < k1:  # the share includes the bias row
             db = dbs[l]
             b = bs[l]
@@ -364,9 +377,12 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
                 for j in range(n_out):
                     b[j] -= lr_b * db[0, j]
             else:
-                optimizer_row(b, db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1, b2, c1,
-                              c2, eps)
+                ok &= call_at(ofn, (b, db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1, b2,
+                                    c1, c2, eps))
         base += n_in + 1
+    if not ok:
+        raise RuntimeError("update_share: optimizer_row's ofn was compiled for other "
+                           "argument types")
     sq_parts[t] = sq
 
 
@@ -383,20 +399,29 @@ def run_chunks(tramp, block, called):
         restore_fp_state(fp)
 
 
+# Where chunk_forward_backward's arguments after t (forward_args) hold the arrays
+# that train_epoch and update_share use too.
+FB_WS, FB_BS, FB_SPARSE, FB_ORDER, FB_BATCH = 0, 1, 5, 10, 11
+FB_DWS, FB_DBS, FB_TOUCHED, FB_LOSS_PARTS, FB_CORRECT_PARTS = 16, 17, 18, 24, 25
+
+
 @njit(cache=True, error_model="numpy", nogil=True)
-def train_epoch(forward_args, update_args, kernels, order, batch_size, b0, b1, lr, opt, hyper,
-                step, interrupt, batch, scalars, loss_parts, correct_parts, sq_parts, called):
+def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt, hyper, step,
+                interrupt, called):
     """Train batches b0..b1-1 of an epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] (the last may be partial).
 
-    forward_args and update_args are the arguments after the chunk number of
-    chunk_forward_backward and of update_share; kernels holds the (address,
-    signature key) of each, compiled for exactly those argument types
-    (fastmlp.kernels.native.address). The other arrays are the ones those tuples
-    hold too: order, batch (int64, 2: the batch's start and size) and scalars (the
-    parameters' dtype, 9) written here for the kernels; loss_parts, correct_parts
-    and sq_parts (one per chunk) that they fill; called (bool, one per chunk) is a
-    workspace.
+    forward_args are chunk_forward_backward's arguments after the chunk number;
+    update_share's are built here from them and update_extra = (scalars, Ms, Vs,
+    mbs, vbs, sq_parts, ofn) as (Ws, bs, dWs, dbs, sparse, touched, opt, scalars,
+    Ms, Vs, mbs, vbs, sq_parts, ofn), so that no array reaches this function twice (numba's
+    wrapper unboxes every array it is passed, about 10 ms of a cold start each).
+    kernels holds the (address, signature key) of both kernels, compiled for
+    exactly those argument types (fastmlp.kernels.native.address). Of the arrays
+    in those tuples, train_epoch writes order's batch bounds into batch (int64, 2:
+    start and size) and the step's scalars (the parameters' dtype, 9), and reads the
+    loss_parts, correct_parts and sq_parts (one per chunk) that the kernels fill;
+    called (bool, one per chunk) is a workspace.
 
     opt is the optimiser's code; hyper holds (momentum, beta_1, beta_2, epsilon,
     alpha) as float64; step[0] counts Adam's steps across calls. The summed loss
@@ -410,6 +435,13 @@ def train_epoch(forward_args, update_args, kernels, order, batch_size, b0, b1, l
     interrupt[0] was set (by Ctrl-C; checked before each batch; nogil lets the
     watcher thread run).
     """
+    fa = forward_args
+    order, batch = fa[FB_ORDER], fa[FB_BATCH]
+    loss_parts, correct_parts = fa[FB_LOSS_PARTS], fa[FB_CORRECT_PARTS]
+    scalars, sq_parts = update_extra[0], update_extra[5]
+    update_args = (fa[FB_WS], fa[FB_BS], fa[FB_DWS], fa[FB_DBS], fa[FB_SPARSE], fa[FB_TOUCHED],
+                   opt, scalars, update_extra[1], update_extra[2], update_extra[3],
+                   update_extra[4], sq_parts, update_extra[6])
     n = order.shape[0]
     n_chunks = loss_parts.shape[0]
     total = 0.0

@@ -84,7 +84,7 @@ def test_a_kernel_error_is_reported_per_chunk():
     np.testing.assert_array_equal(out, [0, 1, 0, 3])
 
 
-def _fit_with_wrong_keys(monkeypatch, wrong, match):
+def _fit_with_wrong_keys(monkeypatch, wrong, match, optimizer="sgd"):
     """One epoch with native.address giving the kernels for which wrong(dispatcher)
     holds a key that matches no argument types: it must raise RuntimeError
     matching match, with every weight unchanged."""
@@ -94,7 +94,8 @@ def _fit_with_wrong_keys(monkeypatch, wrong, match):
     monkeypatch.setattr(native, "address", lambda d, args: (
         (real(d, args)[0], 12345) if wrong(d) else real(d, args)))
     X = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
-    trainer = fastmlp.Trainer(model, "cross_entropy", lr=0.1, batch_size=4, seed=0)
+    trainer = fastmlp.Trainer(model, "cross_entropy", lr=0.1, batch_size=4, seed=0,
+                              optimizer=optimizer)
     with pytest.raises(RuntimeError, match=match):
         trainer.fit(X, np.arange(8) % 3, epochs=1)
     for W, W0 in zip(model.weights, before):
@@ -168,3 +169,12 @@ def test_engine_stops_when_a_chunk_kernel_has_other_types(monkeypatch):
     # not match stops the epoch in its first batch, before any weight changes.
     from fastmlp.kernels import dense
     _fit_with_wrong_keys(monkeypatch, lambda d: d is dense.matmul_rows, "per-chunk kernel")
+
+
+@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+def test_engine_stops_when_the_optimizer_kernel_has_other_types(monkeypatch, optimizer):
+    # update_share calls optimizer_row through call_at (plain SGD never does): a
+    # key that does not match stops the epoch at its first update, weights unchanged.
+    from fastmlp.kernels import epoch
+    _fit_with_wrong_keys(monkeypatch, lambda d: d is epoch.optimizer_row, "per-chunk kernel",
+                         optimizer)
