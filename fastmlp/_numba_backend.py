@@ -132,7 +132,7 @@ class Engine:
         # Each chunk's rows sorted by pixel (a CSC) for that weight gradient, where it
         # sums from one (epoch.weight_grad_csc): layers wider than the scatter's. None
         # otherwise, which compiles the epoch without the CSC.
-        if self.sparse and sizes[1] > epoch.SCATTER_MAX_UNITS:
+        if self.sparse and epoch.sparse_grad_uses_csc(sizes[1]):
             rows = -(-B // T)
             self.cptr = np.zeros((T, n_in + 1), dtype=np.int64)
             self.crow = np.zeros((T, rows * n_in), dtype=np.int32)

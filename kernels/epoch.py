@@ -29,9 +29,9 @@ Dense matrix products go, chunk by chunk, through register tiles (gemm.py) or BL
 the caller limits BLAS to one thread, since the chunks already use every core. With a
 sparse input (MNIST is ~81% zeros) the first layer's forward product reads the data
 as CSR (indptr, indices, values), and its weight gradient adds each nonzero
-pixel's contribution into its row of dW (weight_grad_scatter), or, for layers
-wider than SCATTER_MAX_UNITS, sorts each chunk's nonzeros by pixel and sums each
-row of dW from them (weight_grad_csc); only nonzero pixels cost anything, and rows
+pixel's contribution into its row of dW (weight_grad_scatter), or, for the layer
+widths where that was measured slower (sparse_grad_uses_csc), sorts each chunk's
+nonzeros by pixel and sums each row of dW from them (weight_grad_csc); only nonzero pixels cost anything, and rows
 of W_1 whose pixel is zero in the whole batch are not touched (their gradient is
 exactly zero). The caller picks one of the two by the type of the CSC workspaces
 (None for the scatter), so that only that one is compiled.
@@ -65,7 +65,22 @@ from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_
 #   100 0.151/0.170 against 0.156/0.172 (3 of 10), 128 0.154/0.194 against
 #   0.191/0.227 (10 of 10), 160 0.178/0.228 against 0.185/0.219 (6 of 10),
 #   192 0.232/0.279 against 0.219/0.252 (4 of 10).
-SCATTER_MAX_UNITS = 128
+# And on Zen 4 (AVX-512 CPU, 8-lane vectors here too), one thread, gradients plus
+# the first read of each chunk's CSR rows, best of 7, scatter against CSC: 96
+# 0.102/0.096, 100 0.110/0.100, 112 0.101/0.098, 120 0.115/0.113, 128 0.135/0.132;
+# in whole estimator epochs (784-100-10, Adam and SGD with L2, two A/B sets of 6
+# and 4 alternating processes, best of each): 2 threads, CSC faster in every
+# pairing by rank (Adam 0.085-0.113 against 0.097-0.122 s, SGD 0.077-0.103 against
+# 0.081-0.111 s); 1 thread, the scatter 1-5% ahead. Hence the CSC from 97 units,
+# except 128 (two whole tiles of 8 vectors, no tail pass), where the scatter won
+# 10 of 10 on Zen 3 and tied on Zen 5 and Zen 4.
+SCATTER_MAX_UNITS = 96
+
+
+def sparse_grad_uses_csc(n_units):
+    """Whether a sparse first layer of n_units sums its weight gradient from a
+    per-chunk CSC (weight_grad_csc) instead of scattering (weight_grad_scatter)."""
+    return n_units > SCATTER_MAX_UNITS and n_units != 128
 
 
 @njit(cache=True, error_model="numpy")

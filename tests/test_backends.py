@@ -17,11 +17,10 @@ from conftest import random_model, random_targets
 NETS = [
     ([784, 64, 32, 16, 10], "sigmoid", "squared_error"),                     # seed 000
     ([784, 32, 16, 10], ["tanh", "tanh", "softmax"], "cross_entropy"),       # seed 002
-    # scikit-learn's default, the widest first layer in the bench configurations
-    # that the scatter gradient takes (epoch.SCATTER_MAX_UNITS)
+    # scikit-learn's default: the per-chunk CSC gradient (epoch.sparse_grad_uses_csc)
     ([784, 100, 10], ["relu", "softmax"], "cross_entropy"),
-    # wider than SCATTER_MAX_UNITS: the per-chunk CSC gradient
-    ([784, 136, 10], ["relu", "softmax"], "cross_entropy"),
+    # the widest the scatter gradient takes
+    ([784, 128, 10], ["relu", "softmax"], "cross_entropy"),
     ([17, 9, 3], ["relu", "sigmoid"], "cross_entropy"),
     ([5, 4, 1], ["tanh", "linear"], "squared_error"),
     ([13, 7, 4], ["relu", "softmax"], "squared_error"),
@@ -76,9 +75,10 @@ def test_epoch_equals_reference_float64(sizes, acts, loss, threads):
         engine.prepare(X, Y)
         t_got, c_got, bad, done = engine.train_batches(order, bs, 0, -(-n // bs), 0.1)
     # NETS covers both sparse weight gradients of the compiled epoch.
-    from fastmlp.kernels.epoch import SCATTER_MAX_UNITS
+    from fastmlp.kernels.epoch import sparse_grad_uses_csc
     assert engine.sparse == (sizes[0] == 784)
-    assert (engine.cptr is not None) == (engine.sparse and sizes[1] > SCATTER_MAX_UNITS)
+    assert (engine.cptr is not None) == (engine.sparse and sparse_grad_uses_csc(sizes[1]))
+    assert (engine.cptr is not None) == (sizes[:2] == [784, 100])   # both ways are tested
     assert done == -(-n // bs)
     assert bad == -1
     assert c_got == c_ref

@@ -205,7 +205,8 @@ def _scatter_weight_grad(indptr, indices, values, rows, r0, r1, D, dW):
 def test_weight_grad_sparse(dtype, way):
     from fastmlp.kernels import epoch
     rng = np.random.default_rng(13)
-    # Widths on both sides of SCATTER_MAX_UNITS, and past the last whole vector.
+    # Widths on both sides of the crossover (epoch.sparse_grad_uses_csc), and past
+    # the last whole vector.
     sizes = SIZES + [(50, 100), (30, 129), (20, 65)]
     for (n_in, n_out), B in itertools.product(sizes, BATCHES):
         X = sparse_input(rng, (B + 9, n_in), dtype)
