@@ -31,10 +31,11 @@ sparse input (MNIST is ~81% zeros) the first layer's forward product reads the d
 as CSR (indptr, indices, values), and its weight gradient adds each nonzero
 pixel's contribution into its row of dW (weight_grad_scatter), or, for the layer
 widths where that was measured slower (sparse_grad_uses_csc), sorts each chunk's
-nonzeros by pixel and sums each row of dW from them (weight_grad_csc); only nonzero pixels cost anything, and rows
-of W_1 whose pixel is zero in the whole batch are not touched (their gradient is
-exactly zero). The caller picks one of the two by the type of the CSC workspaces
-(None for the scatter), so that only that one is compiled.
+nonzeros by pixel and sums each row of dW from them (weight_grad_csc); only nonzero
+pixels cost anything, and rows of W_1 whose pixel is zero in the whole batch are
+not touched (their gradient is exactly zero). The caller picks one of the two by
+the type of the CSC workspaces (None for the scatter), so that only that one is
+compiled.
 
 The per-chunk kernels run with subnormal floats flushed to zero (kernels/fpenv.py):
 decaying optimiser moments otherwise reach the slow subnormal path.
@@ -429,8 +430,9 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     forward_args are chunk_forward_backward's arguments after the chunk number;
     update_share's are built here from them and update_extra = (scalars, Ms, Vs,
     mbs, vbs, sq_parts, ofn) as (Ws, bs, dWs, dbs, sparse, touched, opt, scalars,
-    Ms, Vs, mbs, vbs, sq_parts, ofn), so that no array reaches this function twice (numba's
-    wrapper unboxes every array it is passed, about 10 ms of a cold start each).
+    Ms, Vs, mbs, vbs, sq_parts, ofn), so that no array reaches this function twice
+    (numba's wrapper unboxes every array it is passed, about 10 ms of a cold start
+    each; a register_jitable builder shared with the Engine cost 0.6 s more).
     kernels holds the (address, signature key) of both kernels, compiled for
     exactly those argument types (fastmlp.kernels.native.address). Of the arrays
     in those tuples, train_epoch writes order's batch bounds into batch (int64, 2:
@@ -454,6 +456,8 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     order, batch = fa[FB_ORDER], fa[FB_BATCH]
     loss_parts, correct_parts = fa[FB_LOSS_PARTS], fa[FB_CORRECT_PARTS]
     scalars, sq_parts = update_extra[0], update_extra[5]
+    # The Engine builds this tuple too, to compile update_share for it; a different
+    # order is caught by the signature key (WRONG_SIGNATURE).
     update_args = (fa[FB_WS], fa[FB_BS], fa[FB_DWS], fa[FB_DBS], fa[FB_SPARSE], fa[FB_TOUCHED],
                    opt, scalars, update_extra[1], update_extra[2], update_extra[3],
                    update_extra[4], sq_parts, update_extra[6])
