@@ -142,7 +142,7 @@ class Engine:
         self.loss_parts = np.zeros(T, dtype=np.float64)
         self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)
-        self.called = np.zeros(T, dtype=np.bool_)
+        self.called = np.zeros((2, T), dtype=np.bool_)   # each chunk's two kernels
         self.batch = np.zeros(2, dtype=np.int64)
         self.scalars = np.zeros(9, dtype=dt)
         self.tiny, self.top = _clip_bounds(dt)
@@ -186,7 +186,8 @@ class Engine:
         up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, np.int64(opt),
                    self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
         kernels = np.array(native.address(epoch.chunk_forward_backward, (np.int64(0),) + fb_args)
-                           + native.address(epoch.update_share, (np.int64(0),) + up_args),
+                           + native.address(epoch.update_share, (np.int64(0),) + up_args)
+                           + epoch.batches_kernel(fb_args, up_extra, self.called),
                            dtype=np.int64)
         total, correct, bad, done = epoch.train_epoch(
             fb_args, up_extra, kernels, bs, b0, b1, float(lr), np.int64(opt), hyper, step, stop,

@@ -1,24 +1,28 @@
 """A whole training epoch (or a run of its batches) in one compiled call.
 
-Per batch, two parallel regions and nothing else:
-1. each of the n_chunks chunks of rows (one per thread) runs forward, the output
-   delta and the backward deltas for its own rows, and writes its own partial
-   gradient sums into dWs[l][t]; weights are only read here, so every delta is
-   computed before any weight changes;
-2. each chunk owns a contiguous share of all weight rows and applies
-   W -= lr/B * (partial_0 + partial_1 + ...), summed in chunk order.
+One parallel region for the whole run (run_chunks calling chunk_batches); each of
+the n_chunks chunks (one per thread) goes through the batches, and per batch does
+two things, each followed by a barrier (kernels/sync.py) where the chunks wait for
+each other:
+1. forward, the output delta and the backward deltas for its own rows of the
+   batch, writing its own partial gradient sums into dWs[l][t]; weights are only
+   read here, so every delta is computed before any weight changes;
+2. for its contiguous share of all weight rows, W -= lr/B * (partial_0 +
+   partial_1 + ...), summed in chunk order.
 No two threads ever write the same number, so for a given n_chunks (thread
-count) the result is bit for bit the same on every run.
+count) the result is bit for bit the same on every run. (Each step used to be a
+parallel region of its own, two forks and joins of the thread pool a batch:
+seed002's epochs were 3-6% slower, measured alternately in one process on 2
+threads; seed000's and the estimator's no different within the noise.)
 
 Numba copies a called function's code into the caller's module and optimises
 and compiles it again there. To keep a cold start short, the two per-chunk
 kernels are compiled on their own and called through their addresses
 (fastmlp.kernels.native's pack_call), and chunk_forward_backward calls the layer
-kernels the same way (call_at; chunk_kernels finds their addresses); both
-parallel regions are run_chunks, a parallel function of its own, so that
-train_epoch is not one (numba's parallel passes over train_epoch and its two loop
-bodies cost a cold start about 1 s more: train_epoch 4.2-4.4 s before, 3.1 s plus
-0.4 s for run_chunks after).
+kernels the same way (call_at; chunk_kernels finds their addresses), and so is
+chunk_batches, from run_chunks, a parallel function of its own, so that
+train_epoch is not one (numba's parallel passes over train_epoch and its loop
+bodies cost a cold start about 1 s more).
 
 Parameters and workspaces are tuples of arrays, one per layer: Ws[l] (n_in,
 n_out), bs[l] (n_out,), As[l] and Ds[l] (batch, n_out), dWs[l] (n_chunks, n_in,
@@ -46,6 +50,7 @@ from numba import njit, prange
 from .fpenv import flush_subnormals, restore_fp_state
 from . import native
 from .native import call_at, call_packed, pack_call
+from .sync import ALL, ALONE, CTL_SIZE, STOP, barrier, check_in
 from .simd import combine_whole_row, sparse_combine_row, sparse_scatter_row, takes_whole_row
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
                     csr_matmul_rows, matmul_rows, output_delta_rows, weight_grad_rows)
@@ -405,14 +410,141 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
 KERNEL_FAILED, WRONG_SIGNATURE = -3, -2  # train_epoch's `bad` when a packed call fails
 
 
+# chunk_batches' results: out[TOTAL], out[CORRECT], out[BAD], out[DONE].
+TOTAL, CORRECT, BAD, DONE = range(4)
+
+
+@njit(error_model="numpy", inline="always")
+def _set_up_batch(b, n, batch_size, lr, opt, hyper, step, batch, scalars):
+    """Batch b's bounds into batch and its step scalars (the parameters' dtype,
+    rounded once from float64: a float64 scalar would promote the float32 update
+    to float64) into scalars; Adam's step counter is not moved here."""
+    start = b * batch_size
+    nb = min(start + batch_size, n) - start
+    batch[0] = start
+    batch[1] = nb
+    lr_t = lr
+    if opt == ADAM:
+        k = step[0] + 1
+        lr_t = lr * np.sqrt(1.0 - hyper[2] ** k) / (1.0 - hyper[1] ** k)
+    scalars[0] = 1.0 / nb
+    scalars[1] = hyper[4] / nb
+    scalars[2] = lr_t
+    scalars[3] = hyper[0]
+    scalars[4] = hyper[1]
+    scalars[5] = hyper[2]
+    scalars[6] = 1.0 - hyper[1]
+    scalars[7] = 1.0 - hyper[2]
+    scalars[8] = hyper[3]
+
+
+@njit(error_model="numpy", inline="always")
+def _step(tramp, block, k, lo, hi, called, ctl, workers, gen):
+    """One of a batch's two steps: the packed kernel for chunks lo..hi-1 (their
+    statuses into called[k]), with subnormals flushed, then the barrier."""
+    fp = flush_subnormals()
+    for c in range(lo, hi):
+        called[k, c] = call_packed(tramp, block, c)
+    restore_fp_state(fp)
+    return barrier(ctl, workers, gen)
+
+
+# Called only through its address (from run_chunks), like the two kernels it calls:
+# compiled inside the parallel loop, it cost cold starts 0.3-8 s more (three).
+@njit(cache=True, error_model="numpy", nogil=True, no_cpython_wrapper=True,
+      no_cfunc_wrapper=True)
+def chunk_batches(t, fb_tramp, fb_block, up_tramp, up_block, ctl, n, batch_size, b0, b1, lr,
+                  opt, hyper, step, interrupt, batch, scalars, loss_parts, correct_parts,
+                  sq_parts, called, out):
+    """Chunk t's part of train_epoch: batches b0..b1-1, both steps of each, with
+    subnormals flushed inside the kernels. The chunks that do chunk 0's work (the
+    leader) set up each batch and keep the totals, in the caller's floating-point
+    state; every chunk reads the same loss_parts and called after a barrier, so all
+    of them stop at the same batch. called[0, c] and called[1, c] say whether chunk
+    c's two kernels returned normally: two rows, so that no chunk writes a cell
+    another may still be reading (a failed update read as a failed forward would
+    stop one chunk and leave the others waiting).
+
+    Each batch: the leader sets it up; barrier; forward; barrier; every chunk reads
+    the losses and statuses; update; barrier (the next batch's forward reads the
+    weights).
+    """
+    n_chunks = called.shape[1]
+    mode = check_in(ctl, n_chunks)
+    if mode == ALONE:
+        return
+    lo, hi, workers = t, t + 1, n_chunks
+    if mode == ALL:
+        lo, hi, workers = 0, n_chunks, 1
+    leader = lo == 0
+    total = 0.0
+    correct = 0
+    gen = 0
+    for b in range(b0, b1):
+        if leader:
+            if interrupt[0] != 0:
+                ctl[STOP] = 1
+                out[DONE] = b
+            else:
+                _set_up_batch(b, n, batch_size, lr, opt, hyper, step, batch, scalars)
+        gen = barrier(ctl, workers, gen)
+        if ctl[STOP] != 0:
+            break
+        gen = _step(fb_tramp, fb_block, 0, lo, hi, called, ctl, workers, gen)
+        failed = False
+        batch_loss = 0.0
+        batch_correct = 0
+        for c in range(n_chunks):
+            failed |= not called[0, c]
+            batch_loss += loss_parts[c]
+            batch_correct += correct_parts[c]
+        if failed or not np.isfinite(batch_loss):
+            # A batch whose loss is NaN or infinite is not applied.
+            if leader:
+                out[BAD] = KERNEL_FAILED if failed else b
+                out[DONE] = b
+            break
+        gen = _step(up_tramp, up_block, 1, lo, hi, called, ctl, workers, gen)
+        for c in range(n_chunks):
+            failed |= not called[1, c]
+        if failed:
+            if leader:
+                out[BAD] = KERNEL_FAILED
+                out[DONE] = b
+            break
+        if leader:
+            if opt == ADAM:
+                step[0] += 1
+            total += batch_loss
+            correct += batch_correct
+            if hyper[4] > 0:
+                sq = 0.0
+                for c in range(n_chunks):
+                    sq += sq_parts[c]
+                total += 0.5 * hyper[4] * sq
+    if leader:
+        out[TOTAL] = total
+        out[CORRECT] = correct
+
+
 @njit(cache=True, error_model="numpy", nogil=True, parallel=PRANGE_ONLY)
-def run_chunks(tramp, block, called):
-    """The packed call (tramp, block) for every chunk t, in parallel, with
-    subnormals flushed; called[t] = whether chunk t's kernel returned normally."""
-    for t in prange(called.shape[0]):
-        fp = flush_subnormals()
-        called[t] = call_packed(tramp, block, t)
-        restore_fp_state(fp)
+def run_chunks(tramp, block, ran):
+    """The packed call (tramp, block) for every chunk t, in parallel; ran[t] =
+    whether chunk t's call returned normally."""
+    for t in prange(ran.shape[0]):
+        ran[t] = call_packed(tramp, block, t)
+
+
+def batches_kernel(forward_args, update_extra, called):
+    """chunk_batches' (address, signature key) for the arrays train_epoch passes it
+    (the types of the forward and update workspaces it reads: see train_epoch)."""
+    fa = forward_args
+    i, x = np.int64(0), np.float64(0)
+    ints = np.zeros(1, dtype=np.int64)
+    return native.address(chunk_batches, (
+        i, i, i, i, i, ints, i, i, i, i, x, i, np.zeros(1), ints, ints, fa[FB_BATCH],
+        update_extra[0], fa[FB_LOSS_PARTS], fa[FB_CORRECT_PARTS], update_extra[5], called,
+        np.zeros(1)))
 
 
 # Where chunk_forward_backward's arguments after t (forward_args) hold the arrays
@@ -434,11 +566,12 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     (numba's wrapper unboxes every array it is passed, about 10 ms of a cold start
     each; a register_jitable builder shared with the Engine cost 0.6 s more).
     kernels holds the (address, signature key) of both kernels, compiled for
-    exactly those argument types (fastmlp.kernels.native.address). Of the arrays
+    exactly those argument types (fastmlp.kernels.native.address), and of
+    chunk_batches (batches_kernel), which runs them batch after batch. Of the arrays
     in those tuples, train_epoch writes order's batch bounds into batch (int64, 2:
     start and size) and the step's scalars (the parameters' dtype, 9), and reads the
     loss_parts, correct_parts and sq_parts (one per chunk) that the kernels fill;
-    called (bool, one per chunk) is a workspace.
+    called (bool, (2, n_chunks)) is a workspace.
 
     opt is the optimiser's code; hyper holds (momentum, beta_1, beta_2, epsilon,
     alpha) as float64; step[0] counts Adam's steps across calls. The summed loss
@@ -450,10 +583,11 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     WRONG_SIGNATURE / KERNEL_FAILED when a kernel could not be called / reported an
     error; done is the number of the first batch not trained: b1, or less when
     interrupt[0] was set (by Ctrl-C; checked before each batch; nogil lets the
-    watcher thread run).
+    watcher thread run). The kernels of a batch that failed or gave a NaN loss may
+    have run for some chunks: the caller stops training there.
     """
     fa = forward_args
-    order, batch = fa[FB_ORDER], fa[FB_BATCH]
+    order = fa[FB_ORDER]
     loss_parts, correct_parts = fa[FB_LOSS_PARTS], fa[FB_CORRECT_PARTS]
     scalars, sq_parts = update_extra[0], update_extra[5]
     # The Engine builds this tuple too, to compile update_share for it; a different
@@ -462,59 +596,25 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
                    opt, scalars, update_extra[1], update_extra[2], update_extra[3],
                    update_extra[4], sq_parts, update_extra[6])
     n = order.shape[0]
-    n_chunks = loss_parts.shape[0]
-    total = 0.0
-    correct = 0
-    # The kernels' long argument lists are packed once; each parallel loop passes
-    # only the packed block and the chunk number (see fastmlp.kernels.native).
+    # The kernels' long argument lists are packed once; the parallel region passes
+    # only the packed blocks and the chunk number (see fastmlp.kernels.native).
     fb = pack_call(kernels[0], kernels[1], forward_args)
     up = pack_call(kernels[2], kernels[3], update_args)
-    fb_tramp, fb_block, up_tramp, up_block = fb[0], fb[1], up[0], up[1]
-    if fb_tramp == 0 or up_tramp == 0:
-        return total, correct, WRONG_SIGNATURE, b0
-    for b in range(b0, b1):
-        if interrupt[0] != 0:
-            return total, correct, -1, b
-        start = b * batch_size
-        stop = min(start + batch_size, n)
-        nb = stop - start
-        batch[0] = start
-        batch[1] = nb
-        run_chunks(fb_tramp, fb_block, called)
-        for t in range(n_chunks):
-            if not called[t]:
-                return total, correct, KERNEL_FAILED, b
-        batch_loss = 0.0
-        batch_correct = 0
-        for t in range(n_chunks):
-            batch_loss += loss_parts[t]
-            batch_correct += correct_parts[t]
-        if not np.isfinite(batch_loss):
-            return total, correct, b, b
-        total += batch_loss
-        correct += batch_correct
-        lr_t = lr
-        if opt == ADAM:
-            step[0] += 1
-            lr_t = lr * np.sqrt(1.0 - hyper[2] ** step[0]) / (1.0 - hyper[1] ** step[0])
-        # Stored in the parameters' dtype (rounded once from float64): a float64
-        # scalar would promote the float32 update to float64.
-        scalars[0] = 1.0 / nb
-        scalars[1] = hyper[4] / nb
-        scalars[2] = lr_t
-        scalars[3] = hyper[0]
-        scalars[4] = hyper[1]
-        scalars[5] = hyper[2]
-        scalars[6] = 1.0 - hyper[1]
-        scalars[7] = 1.0 - hyper[2]
-        scalars[8] = hyper[3]
-        run_chunks(up_tramp, up_block, called)
-        for t in range(n_chunks):
-            if not called[t]:
-                return total, correct, KERNEL_FAILED, b
-        if hyper[4] > 0:
-            sq = 0.0
-            for t in range(n_chunks):
-                sq += sq_parts[t]
-            total += 0.5 * hyper[4] * sq
-    return total, correct, -1, b1
+    if fb[0] == 0 or up[0] == 0:
+        return 0.0, 0, WRONG_SIGNATURE, b0
+    ctl = np.zeros(CTL_SIZE, dtype=np.int64)
+    out = np.zeros(4)
+    out[BAD] = -1
+    out[DONE] = b1
+    cb = pack_call(kernels[4], kernels[5], (
+        fb[0], fb[1], up[0], up[1], ctl, n, batch_size, b0, b1, lr, opt, hyper, step, interrupt,
+        fa[FB_BATCH], scalars, loss_parts, correct_parts, sq_parts, called, out))
+    if cb[0] == 0:
+        return 0.0, 0, WRONG_SIGNATURE, b0
+    ran = np.zeros(called.shape[1], dtype=np.bool_)
+    run_chunks(cb[0], cb[1], ran)
+    for t in range(ran.shape[0]):
+        if not ran[t]:
+            return out[TOTAL], np.int64(out[CORRECT]), KERNEL_FAILED, np.int64(out[DONE])
+    return out[TOTAL], np.int64(out[CORRECT]), np.int64(out[BAD]), np.int64(out[DONE])
+
