@@ -125,6 +125,44 @@ def _emit_combine(builder, vec, o, ix, vl, m, i_, j0_, q0_, q1_, n_vec, jl_=None
         builder.store(builder.load(accs[v]), ptr(dst, v), align=vec.align)
 
 
+def _emit_combine2(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, jl_):
+    """_emit_combine's sum for a row of n_vec vectors (the last at jl) with two
+    accumulators per vector: the terms q0, q0+2, ... in one, q0+1, q0+3, ... in the
+    other, added at the end. A narrow row has too few vectors to keep both FMA
+    units busy with one chain each (an FMA waits for the one before in its chain)."""
+    j0_ = ir.Constant(vec.intp, 0)
+
+    def ptr(base, v):
+        return vec.tile_ptr(base, v, n_vec, j0_, jl_)
+
+    def load(q):
+        k = builder.load(builder.gep(ix.data, [q]))
+        k = builder.sext(k, vec.intp) if k.type.width < vec.intp.width else k
+        return _row_ptr(builder, m, k, j0_), vec.splat(builder.load(builder.gep(vl.data, [q])))
+
+    def add_term(q, accs):
+        row, xv = load(q)
+        for v in range(n_vec):
+            w = builder.load(ptr(row, v), align=vec.align)
+            builder.store(builder.call(vec.fma, [xv, w, builder.load(accs[v])]), accs[v])
+
+    one = ir.Constant(vec.intp, 1)
+    even = [cgutils.alloca_once_value(builder, vec.zero) for _ in range(n_vec)]
+    odd = [cgutils.alloca_once_value(builder, vec.zero) for _ in range(n_vec)]
+    pairs_end = builder.sub(q1_, one)
+    with cgutils.for_range_slice(builder, q0_, pairs_end, ir.Constant(vec.intp, 2)) as (q, _):
+        add_term(q, even)
+        add_term(builder.add(q, one), odd)
+    n_terms = builder.sub(q1_, q0_)
+    is_odd = builder.icmp_signed(">", builder.and_(n_terms, one), ir.Constant(vec.intp, 0))
+    with builder.if_then(is_odd):
+        add_term(pairs_end, even)
+    dst = _row_ptr(builder, o, i_, j0_)
+    for v in range(n_vec):
+        total = builder.fadd(builder.load(even[v]), builder.load(odd[v]))
+        builder.store(total, ptr(dst, v), align=vec.align)
+
+
 def _combine_arrays(context, builder, signature, args, positions):
     """The array structs of args at positions (out, idx, val, M), by their types."""
     return tuple(context.make_array(signature.args[n])(context, builder, args[n])
@@ -160,15 +198,12 @@ combine_tile1 = _tile_intrinsic(1)
 WHOLE_ROW_VECTORS = (9, 16)   # rows combine_whole_row takes, in vectors
 
 
-@intrinsic
-def combine_whole_row(typingctx, out, i, idx, val, q0, q1, M):
-    """out[i] = sum over q of val[q] * M[idx[q]] for rows of 9 to 16 vectors (65-128
-    float32 columns, 33-64 float64) in one pass over the nonzeros, the last vector
-    ending on the last column (overlapping the one before: those columns are
-    computed again, to the same bits). A switch on the row's vector count picks
-    the pass compiled for it; other widths are not written."""
-    _check_combine("combine_whole_row", out, idx, val, M)
-
+def _whole_row_codegen(lo, hi, name, emit):
+    """Codegen of an intrinsic (out, i, idx, val, q0, q1, M) that sums a whole row
+    of M's width in one pass: a switch on the row's number of vectors (lo to hi; a
+    row narrower than one vector counts as none) picks the pass emit(builder, vec,
+    o, ix, vl, m, i, q0, q1, n_vec, jl) compiled for it, whose last vector starts
+    at column jl (overlapping the one before); other widths are not written."""
     def codegen(context, builder, signature, args):
         o, ix, vl, m = _combine_arrays(context, builder, signature, args, (0, 2, 3, 6))
         i_, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
@@ -177,14 +212,50 @@ def combine_whole_row(typingctx, out, i, idx, val, q0, q1, M):
         n_out = cgutils.unpack_tuple(builder, m.shape)[1]
         lanes = ir.Constant(vec.intp, vec.lanes)
         n = builder.udiv(builder.add(n_out, builder.sub(lanes, ir.Constant(vec.intp, 1))), lanes)
+        n = builder.select(builder.icmp_signed("<", n_out, lanes), ir.Constant(vec.intp, 0), n)
         jl = builder.sub(n_out, lanes)
-        j0 = ir.Constant(vec.intp, 0)
-        lo, hi = WHOLE_ROW_VECTORS
-        _switch(builder, vec.intp, n, range(lo, hi + 1), "whole_row",
-                lambda n_vec: _emit_combine(builder, vec, o, ix, vl, m, i_, j0, q0_, q1_,
-                                            n_vec, jl))
+        _switch(builder, vec.intp, n, range(lo, hi + 1), name,
+                lambda n_vec: emit(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, jl))
         return context.get_dummy_value()
-    return types.none(out, i, idx, val, q0, q1, M), codegen
+    return codegen
+
+
+@intrinsic
+def combine_whole_row(typingctx, out, i, idx, val, q0, q1, M):
+    """out[i] = sum over q of val[q] * M[idx[q]] for rows of 9 to 16 vectors (65-128
+    float32 columns, 33-64 float64) in one pass over the nonzeros, the last vector
+    ending on the last column (overlapping the one before: those columns are
+    computed again, to the same bits). A switch on the row's vector count picks
+    the pass compiled for it; other widths are not written."""
+    _check_combine("combine_whole_row", out, idx, val, M)
+    lo, hi = WHOLE_ROW_VECTORS
+
+    def emit(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, jl):
+        _emit_combine(builder, vec, o, ix, vl, m, i_, ir.Constant(vec.intp, 0), q0_, q1_,
+                      n_vec, jl)
+    return types.none(out, i, idx, val, q0, q1, M), _whole_row_codegen(lo, hi, "whole_row",
+                                                                         emit)
+
+
+NARROW_ROW_VECTORS = 4   # rows combine_narrow_row takes: 1 to this many vectors
+
+
+@intrinsic
+def combine_narrow_row(typingctx, out, i, idx, val, q0, q1, M):
+    """out[i] = sum over q of val[q] * M[idx[q]] for rows of 1 to NARROW_ROW_VECTORS
+    vectors (8-32 float32 columns, 4-16 float64), two chains of fused multiply-adds
+    per vector (_emit_combine2: the even terms, the odd terms, then their sum), the
+    last vector ending on the last column. Other widths are not written."""
+    _check_combine("combine_narrow_row", out, idx, val, M)
+    return types.none(out, i, idx, val, q0, q1, M), _whole_row_codegen(
+        1, NARROW_ROW_VECTORS, "narrow_row", _emit_combine2)
+
+
+@njit(error_model="numpy", inline="always")
+def takes_narrow_row(M):
+    """Whether combine_narrow_row takes rows of M's width."""
+    lanes = VECTOR_BYTES // M.itemsize
+    return lanes <= M.shape[1] <= NARROW_ROW_VECTORS * lanes
 
 
 @njit(error_model="numpy", inline="always")

@@ -60,7 +60,9 @@ def test_dense_forward(dtype, act):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_csr_matmul_rows(dtype):
     rng = np.random.default_rng(7)
-    for (n_in, n_out), B in itertools.product(SIZES, BATCHES):
+    # SIZES, and first layers narrow enough for combine_narrow_row's two chains.
+    for (n_in, n_out), B in itertools.product(SIZES + [(30, 8), (29, 16), (31, 24), (33, 32)],
+                                              BATCHES):
         X = sparse_input(rng, (B + 5, n_in), dtype)
         W = rand(rng, (n_in, n_out), dtype)
         rows = rng.permutation(B + 5)[:B].astype(np.int64)
@@ -329,37 +331,101 @@ def test_sparse_combine_row_tiles(dtype, index_dtype):
             np.testing.assert_array_equal(out[2], ref[2])   # same fused multiply-adds, same order
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_combine_whole_row_every_width(dtype):
-    """Every width combine_whole_row takes (9 to 16 vectors), called directly as
-    weight_grad_csc does: the same bits as a plain scalar loop; other widths are
-    left alone."""
+def _check_whole_row_intrinsic(dtype, intrinsic, taken, twin, seed):
+    """An intrinsic that sums whole rows of some widths (taken(n_out, lanes)),
+    called directly from compiled code, for every width up to 18 vectors and even
+    and odd counts of terms: rows it takes equal twin's to the bit (and NumPy's
+    to tolerance), other rows of out and other widths are left alone."""
     from numba import njit
-    from fastmlp.kernels.simd import VECTOR_BYTES, combine_whole_row, takes_whole_row
+    from fastmlp.kernels.simd import VECTOR_BYTES
 
     @njit
-    def whole(out, i, idx, val, q0, q1, M):
-        combine_whole_row(out, i, idx, val, q0, q1, M)
+    def call(out, i, idx, val, q0, q1, M):
+        intrinsic(out, i, idx, val, q0, q1, M)
+    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(seed)
+    for n_out in range(1, 16 * lanes + 9):
+        M = rand(rng, (40, n_out), dtype)
+        idx = rng.integers(0, 40, 23).astype(np.int32)
+        val = rand(rng, 23, dtype)
+        for q0, q1 in ((0, 23), (0, 22), (5, 6), (5, 7), (7, 7)):
+            out = np.full((3, n_out), np.nan, dtype)
+            call(out, 1, idx, val, q0, q1, M)
+            if not taken(n_out, lanes):
+                assert np.isnan(out).all()
+                continue
+            assert np.isnan(out[[0, 2]]).all()
+            want = val[q0:q1] @ M[idx[q0:q1]] if q1 > q0 else np.zeros(n_out, dtype)
+            np.testing.assert_allclose(out[1], want, **TOL[dtype])
+            ref = np.full_like(out, np.nan)
+            twin(ref, 1, idx, val, q0, q1, M)
+            np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_whole_row_every_width(dtype):
+    """combine_whole_row (9 to 16 vectors), as weight_grad_csc calls it: the same
+    bits as a plain scalar loop."""
+    from numba import njit
+    from fastmlp.kernels.simd import combine_whole_row, takes_whole_row
 
     @njit
     def takes(M):
         return takes_whole_row(M)
-    lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
-    rng = np.random.default_rng(23)
-    for n_out in range(1, 16 * lanes + 9):
-        M = rand(rng, (40, n_out), dtype)
-        assert takes(M) == (8 * lanes < n_out <= 16 * lanes)
-        idx = rng.integers(0, 40, 23).astype(np.int32)
-        val = rand(rng, 23, dtype)
-        for q0, q1 in ((0, 23), (5, 6), (7, 7)):
-            out = np.full((3, n_out), np.nan, dtype)
-            whole(out, 1, idx, val, q0, q1, M)
-            if not takes(M):
-                assert np.isnan(out).all()
-                continue
-            ref = np.full_like(out, np.nan)
-            _scalar_combine(ref, 1, idx, val, q0, q1, M)
-            np.testing.assert_array_equal(out, ref)
+    for n_out, lanes in ((1, 8), (64, 8), (65, 8), (128, 8), (129, 8), (33, 4), (64, 4)):
+        assert takes(np.zeros((1, n_out), np.float32 if lanes == 8 else np.float64)) == (
+            8 * lanes < n_out <= 16 * lanes)
+    _check_whole_row_intrinsic(dtype, combine_whole_row,
+                               lambda n_out, lanes: 8 * lanes < n_out <= 16 * lanes,
+                               _scalar_combine, 23)
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar_combine2_kernel():
+    from numba import njit
+
+    @njit(fastmath={"contract"})
+    def scalar(out, i, idx, val, q0, q1, M):
+        for j in range(M.shape[1]):
+            even = out.dtype.type(0)
+            odd = out.dtype.type(0)
+            q = q0
+            while q + 1 < q1:
+                even = even + val[q] * M[idx[q], j]
+                odd = odd + val[q + 1] * M[idx[q + 1], j]
+                q += 2
+            if q < q1:
+                even = even + val[q] * M[idx[q], j]
+            out[i, j] = even + odd
+    return scalar
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_narrow_row_every_width(dtype):
+    """combine_narrow_row (1 to 4 vectors), as csr_matmul_rows calls it: the same
+    bits as a scalar loop of two chains (the even terms, the odd terms, then their
+    sum), which a one-chain loop does not give."""
+    from numba import njit
+    from fastmlp.kernels.simd import NARROW_ROW_VECTORS, combine_narrow_row, takes_narrow_row
+
+    @njit
+    def takes(M):
+        return takes_narrow_row(M)
+    for n_out, lanes in ((7, 8), (8, 8), (32, 8), (33, 8), (3, 4), (4, 4), (16, 4), (17, 4)):
+        assert takes(np.zeros((1, n_out), np.float32 if lanes == 8 else np.float64)) == (
+            lanes <= n_out <= NARROW_ROW_VECTORS * lanes)
+    _check_whole_row_intrinsic(dtype, combine_narrow_row,
+                               lambda n_out, lanes: lanes <= n_out <= NARROW_ROW_VECTORS * lanes,
+                               _scalar_combine2_kernel(), 29)
+    # The two orders differ: the bit comparison above can tell them apart.
+    rng = np.random.default_rng(31)
+    M = rand(rng, (40, 32), dtype)
+    idx = rng.integers(0, 40, 23).astype(np.int32)
+    val = rand(rng, 23, dtype)
+    one, two = np.zeros((1, 32), dtype), np.zeros((1, 32), dtype)
+    _scalar_combine(one, 0, idx, val, 0, 23, M)
+    _scalar_combine2_kernel()(two, 0, idx, val, 0, 23, M)
+    assert not np.array_equal(one, two)
 
 
 def test_sparse_combine_row_refuses_strided_arrays():
