@@ -313,7 +313,6 @@ def _scalar_combine(out, i, idx, val, q0, q1, M):
 def test_sparse_combine_row_tiles(dtype, index_dtype):
     """Every output width (full 64/32/8-lane tiles, the overlapping last tile, and
     rows narrower than one vector) against a NumPy twin and a plain scalar loop."""
-    from numba import njit
     from fastmlp.kernels.simd import sparse_combine_row
     rng = np.random.default_rng(21)
     for n_out in list(range(1, 70)) + [100, 129, 512]:
