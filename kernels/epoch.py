@@ -600,8 +600,6 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     # only the packed blocks and the chunk number (see fastmlp.kernels.native).
     fb = pack_call(kernels[0], kernels[1], forward_args)
     up = pack_call(kernels[2], kernels[3], update_args)
-    if fb[0] == 0 or up[0] == 0:
-        return 0.0, 0, WRONG_SIGNATURE, b0
     ctl = np.zeros(CTL_SIZE, dtype=np.int64)
     out = np.zeros(4)
     out[BAD] = -1
@@ -609,7 +607,7 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     cb = pack_call(kernels[4], kernels[5], (
         fb[0], fb[1], up[0], up[1], ctl, n, batch_size, b0, b1, lr, opt, hyper, step, interrupt,
         fa[FB_BATCH], scalars, loss_parts, correct_parts, sq_parts, called, out))
-    if cb[0] == 0:
+    if fb[0] == 0 or up[0] == 0 or cb[0] == 0:
         return 0.0, 0, WRONG_SIGNATURE, b0
     ran = np.zeros(called.shape[1], dtype=np.bool_)
     run_chunks(cb[0], cb[1], ran)

@@ -90,15 +90,19 @@ class _Vectors:
         return b.shuffle_vector(xv, ir.Constant(vty, ir.Undefined),
                                 ir.Constant(ir.VectorType(i32, self.lanes), [0] * self.lanes))
 
+    def nonzero(self, ix, vl, q):
+        """(idx[q] as intp, val[q] splatted)."""
+        b = self.builder
+        k = b.load(b.gep(ix.data, [q]))
+        k = b.sext(k, self.intp) if k.type.width < self.intp.width else k
+        return k, self.splat(b.load(b.gep(vl.data, [q])))
+
     def nonzeros(self, ix, vl, q0, q1):
-        """Loop over q in q0..q1-1 yielding (idx[q] as intp, val[q] splatted)."""
+        """Loop over q in q0..q1-1 yielding nonzero(ix, vl, q)."""
         @contextlib.contextmanager
         def loop():
-            b = self.builder
-            with cgutils.for_range_slice(b, q0, q1, ir.Constant(self.intp, 1)) as (q, _):
-                k = b.load(b.gep(ix.data, [q]))
-                k = b.sext(k, self.intp) if k.type.width < self.intp.width else k
-                yield k, self.splat(b.load(b.gep(vl.data, [q])))
+            with cgutils.for_range_slice(self.builder, q0, q1, ir.Constant(self.intp, 1)) as (q, _):
+                yield self.nonzero(ix, vl, q)
         return loop()
 
 
@@ -135,13 +139,9 @@ def _emit_combine2(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, jl_):
     def ptr(base, v):
         return vec.tile_ptr(base, v, n_vec, j0_, jl_)
 
-    def load(q):
-        k = builder.load(builder.gep(ix.data, [q]))
-        k = builder.sext(k, vec.intp) if k.type.width < vec.intp.width else k
-        return _row_ptr(builder, m, k, j0_), vec.splat(builder.load(builder.gep(vl.data, [q])))
-
     def add_term(q, accs):
-        row, xv = load(q)
+        k, xv = vec.nonzero(ix, vl, q)
+        row = _row_ptr(builder, m, k, j0_)
         for v in range(n_vec):
             w = builder.load(ptr(row, v), align=vec.align)
             builder.store(builder.call(vec.fma, [xv, w, builder.load(accs[v])]), accs[v])

@@ -91,14 +91,19 @@ def atomic_store(typingctx, arr, i, v):
     return types.none(arr, i, v), codegen
 
 
+def _emit_pause(builder):
+    """The x86 pause hint (nothing elsewhere)."""
+    if _is_x86(builder):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                            "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+
+
 @intrinsic
 def spin_pause(typingctx):
     """The x86 pause hint in a spin loop (nothing elsewhere)."""
     def codegen(context, builder, sig, args):
-        if _is_x86(builder):
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                                "llvm.x86.sse2.pause")
-            builder.call(fn, [])
+        _emit_pause(builder)
         return context.get_dummy_value()
     return types.none(), codegen
 
@@ -108,10 +113,7 @@ def yield_cpu(typingctx):
     """sched_yield(): let another thread run on this CPU (a pause on Windows)."""
     def codegen(context, builder, sig, args):
         if sys.platform == "win32":
-            if _is_x86(builder):
-                fn = cgutils.get_or_insert_function(
-                    builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
-                builder.call(fn, [])
+            _emit_pause(builder)
         else:
             fn = cgutils.get_or_insert_function(builder.module,
                                                 ir.FunctionType(ir.IntType(32), []),

@@ -8,6 +8,7 @@ import pytest
 from numba import njit, prange
 
 import fastmlp
+from fastmlp._numba_backend import num_threads
 from fastmlp.kernels import sync
 from fastmlp.kernels.sync import ALL, ALONE, PARALLEL, CTL_SIZE, barrier, check_in
 
@@ -50,15 +51,12 @@ def _rounds(ctl, cells, seen, rounds):
 
 @needs_two
 def test_chunks_running_at_once_all_check_in():
-    numba.set_num_threads(2)
-    try:
+    with num_threads(2):
         for _ in range(20):
             ctl = np.zeros(CTL_SIZE, dtype=np.int64)
             modes = np.full(2, -1, dtype=np.int64)
             _check_in_parallel(ctl, modes)
             assert modes.tolist() == [PARALLEL, PARALLEL]
-    finally:
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
 def test_chunks_run_one_after_another_leave_the_work_to_one():
@@ -80,16 +78,13 @@ def test_one_chunk_checks_in_alone():
 
 @needs_two
 def test_barrier_holds_every_chunk_until_all_arrive():
-    numba.set_num_threads(2)
-    try:
+    with num_threads(2):
         ctl = np.zeros(CTL_SIZE, dtype=np.int64)
         cells = np.zeros(2, dtype=np.int64)
         seen = np.full(2, -1, dtype=np.int64)
         _rounds(ctl, cells, seen, 20000)
         assert seen.tolist() == [0, 0]
         assert ctl[sync.GEN] == 40000 and ctl[sync.COUNT] == 0
-    finally:
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
 
 @needs_two
@@ -111,9 +106,8 @@ def test_epoch_with_its_chunks_on_one_thread_gives_the_same_bytes(sizes, acts, l
         with engine.threads_context():
             engine.prepare(X, Y)
             assert engine.called.shape == (2, 2)
-            if serial:
-                numba.set_num_threads(1)
-            total, correct, bad, done = engine.train_batches(order, bs, 0, -(-n // bs), 0.1)
+            with num_threads(1 if serial else 2):
+                total, correct, bad, done = engine.train_batches(order, bs, 0, -(-n // bs), 0.1)
         assert (bad, done) == (-1, -(-n // bs))
         results.append((digest(m), total, correct))
     assert results[0] == results[1]
