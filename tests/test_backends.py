@@ -89,6 +89,26 @@ def test_epoch_equals_reference_float64(sizes, acts, loss, threads):
     assert not np.allclose(ref_model.weights[0], fastmlp.MLP(sizes, acts, dtype="float64", seed=5).weights[0])
 
 
+def test_epoch_on_three_chunks_equals_reference_float64():
+    """update_share has a loop of its own for one or two chunks' plain-SGD update
+    of W_1; three chunks take the general one. numba's pool size is fixed when it
+    starts, so a new process with NUMBA_NUM_THREADS=3 runs the epoch test above on
+    three threads (on fewer cores the chunks take turns; the result is the same)."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import test_backends as t\n"
+            "for net in t.NETS[:4]:\n"
+            "    t.test_epoch_equals_reference_float64(*net, 3)\n"
+            "print('checked', len(t.NETS[:4]))\n")
+    env = dict(os.environ, NUMBA_NUM_THREADS="3")
+    r = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.split()[-2:] == ["checked", "4"]
+
+
 @pytest.mark.parametrize("threads", THREADS)
 def test_same_seed_same_threads_same_bytes(threads):
     rng = np.random.default_rng(0)
