@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import time
 

@@ -1,7 +1,6 @@
 """One training step and one whole epoch per configuration, numba against the NumPy
 reference. Compilation and workspace set-up happen in the fixtures, never inside
 the timed call."""
-import copy
 
 import numpy as np
 import pytest

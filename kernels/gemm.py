@@ -31,7 +31,6 @@ from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, config
-from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from . import simd

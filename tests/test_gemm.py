@@ -6,7 +6,6 @@ The error allowed is relative to sum |a||b| (the size of the terms), which is wh
 a change of summation order can move: float64 to 1e-12, float32 to 1e-5."""
 import numpy as np
 import pytest
-from numba import njit
 
 from fastmlp.kernels import dense, gemm
 

@@ -1,9 +1,6 @@
 """Real training runs on MNIST, with the accuracy the foundation issue asks for."""
 import copy
 
-import numpy as np
-import pytest
-
 import fastmlp
 
 
