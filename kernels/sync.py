@@ -1,16 +1,16 @@
-"""Spin barriers for the chunks of one parallel region, so that a whole run of
+"""Barriers for the chunks of one parallel region, so that a whole run of
 batches is one region instead of two per batch.
 
 A numba parallel loop costs a fork and a join of the thread pool, 1-8 us each on a
 2-vCPU VM; a 32-row batch (seed002) trains in ~40 us and took two. Here the chunks
 enter one region, check that they all run at the same time (check_in), and then
 wait for each other at barriers: an atomic count of arrivals, the last of which
-moves a generation number on that the others spin on, about 0.1 us on the same
-machine.
+moves a generation number on that the others poll, yielding the CPU between looks
+(barrier says why they do not spin).
 
-Spinning needs every chunk on a thread of its own at the same time. OpenMP's static
-schedule does that (numba gives each thread one chunk when there are as many
-chunks as threads), but a pool that may run two chunks one after the other on one
+Waiting for each other needs every chunk on a thread of its own at the same
+time. OpenMP's static schedule does that (numba gives each thread one chunk when
+there are as many chunks as threads), but a pool that may run two chunks one after the other on one
 thread (TBB's work stealing, a busy pool) would wait forever; check_in gives up
 after a while and lets the chunk that gave up run every chunk's work itself
 (the same bits: a chunk's result does not depend on its thread). A waiting chunk
@@ -92,29 +92,15 @@ def atomic_store(typingctx, arr, i, v):
     return types.none(arr, i, v), codegen
 
 
-def _emit_pause(builder):
-    """The x86 pause hint (nothing elsewhere)."""
-    if _is_x86(builder):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                            "llvm.x86.sse2.pause")
-        builder.call(fn, [])
-
-
-@intrinsic
-def spin_pause(typingctx):
-    """The x86 pause hint in a spin loop (nothing elsewhere)."""
-    def codegen(context, builder, sig, args):
-        _emit_pause(builder)
-        return context.get_dummy_value()
-    return types.none(), codegen
-
-
 @intrinsic
 def yield_cpu(typingctx):
     """sched_yield(): let another thread run on this CPU (a pause on Windows)."""
     def codegen(context, builder, sig, args):
         if sys.platform == "win32":
-            _emit_pause(builder)
+            if _is_x86(builder):    # the pause hint; nothing on other CPUs
+                fn = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+                builder.call(fn, [])
         else:
             fn = cgutils.get_or_insert_function(builder.module,
                                                 ir.FunctionType(ir.IntType(32), []),
@@ -129,27 +115,8 @@ def yield_cpu(typingctx):
 COUNT, GEN, ARRIVED, STOP = 0, 8, 16, 24
 CTL_SIZE = 32
 CLOSED = 1 << 40            # added to ARRIVED when a chunk gave up waiting
-# Pauses before a waiting chunk starts to yield the CPU: none. With more threads
-# than cores, a chunk that spins keeps the core from the chunk it waits for.
-# seed002's network, 6,000 rows, batch 32, on this 2-core VM, best and median of 5
-# epochs, 2,000 pauses against 100 against none: 3 threads 0.054/0.068 s,
-# 0.025/0.034, 0.021/0.025; 4 threads 0.053/0.057, 0.024/0.027, 0.022/0.025 (2
-# threads 0.016). With a core per thread, paired whole epochs on 2 threads against
-# 2,000 pauses: none, seed002 0.91-1.09 in five sets (geometric mean 1.00), the
-# estimator's network (Adam, L2) 1.01, 1.08, 0.96; 100, seed002 1.00-1.08 (geometric
-# mean 1.04), the estimator's 1.02, 0.98, 0.90. Within this VM's noise either way;
-# none is the tightest target's (seed002's) and the oversubscribed pool's best.
-SPINS = 0
 CHECK_IN_YIELDS = 100_000   # yields before check_in gives up (~0.05-0.1 s)
 ALONE, PARALLEL, ALL = 0, 1, 2   # check_in's answers
-
-
-@njit(error_model="numpy", inline="always")
-def _wait(spins):
-    if spins < SPINS:
-        spin_pause()
-    else:
-        yield_cpu()
 
 
 # inline="always": numba inlines these where they are called instead of compiling
@@ -165,29 +132,39 @@ def check_in(ctl, n):
     it saw (below n) to that count plus CLOSED, after which no count equals n."""
     if atomic_add(ctl, ARRIVED, 1) >= CLOSED:
         return ALONE
-    spins = 0
+    yields = 0
     while True:
         seen = atomic_load(ctl, ARRIVED)
         if seen == n:
             return PARALLEL
         if seen >= CLOSED:
             return ALONE
-        if spins > SPINS + CHECK_IN_YIELDS and atomic_cas(ctl, ARRIVED, seen, seen + CLOSED):
+        if yields > CHECK_IN_YIELDS and atomic_cas(ctl, ARRIVED, seen, seen + CLOSED):
             return ALL
-        _wait(spins)
-        spins += 1
+        yield_cpu()
+        yields += 1
 
 
 @njit(error_model="numpy", inline="always")
 def barrier(ctl, n, gen):
     """Wait until all n chunks have called barrier with this gen; returns the next
-    generation (every chunk passes the value returned to the next call)."""
+    generation (every chunk passes the value returned to the next call).
+
+    A waiting chunk yields the CPU between looks, without spinning first: with more
+    threads than cores, a chunk that spins keeps the core from the chunk it waits
+    for. seed002's network, 6,000 rows, batch 32, on a 2-core VM, best and median of
+    5 epochs, 2,000 pauses before yielding against 100 against none: 3 threads
+    0.054/0.068 s, 0.025/0.034, 0.021/0.025; 4 threads 0.053/0.057, 0.024/0.027,
+    0.022/0.025 (2 threads 0.016). With a core per thread, paired whole epochs on 2
+    threads against 2,000 pauses: none, seed002 0.91-1.09 in five sets (geometric
+    mean 1.00), the estimator's network (Adam, L2) 1.01, 1.08, 0.96; 100, seed002
+    1.00-1.08 (geometric mean 1.04), the estimator's 1.02, 0.98, 0.90: within the
+    noise either way, and none is best for the tightest target (seed002's) and for
+    an oversubscribed pool."""
     if atomic_add(ctl, COUNT, 1) == n - 1:
         atomic_store(ctl, COUNT, 0)
         atomic_store(ctl, GEN, gen + 1)
     else:
-        spins = 0
         while atomic_load(ctl, GEN) == gen:
-            _wait(spins)
-            spins += 1
+            yield_cpu()
     return gen + 1
