@@ -143,6 +143,7 @@ class Engine:
         self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)
         self.called = np.zeros((2, T), dtype=np.bool_)   # each chunk's two kernels
+        self.ctl = np.zeros(epoch.CTL_SIZE, dtype=np.int64)   # their barriers' counters
         self.batch = np.zeros(2, dtype=np.int64)
         self.scalars = np.zeros(9, dtype=dt)
         self.tiny, self.top = _clip_bounds(dt)
@@ -191,7 +192,7 @@ class Engine:
                            dtype=np.int64)
         total, correct, bad, done = epoch.train_epoch(
             fb_args, up_extra, kernels, bs, b0, b1, float(lr), np.int64(opt), hyper, step, stop,
-            self.called)
+            self.called, self.ctl)
         if bad == epoch.WRONG_SIGNATURE:
             raise RuntimeError("fastmlp internal error: train_epoch packs arguments of other "
                                "types than the per-chunk kernels were compiled for")

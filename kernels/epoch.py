@@ -579,7 +579,7 @@ FB_DWS, FB_DBS, FB_TOUCHED, FB_LOSS_PARTS, FB_CORRECT_PARTS = 16, 17, 18, 24, 25
 
 @njit(cache=True, error_model="numpy", nogil=True)
 def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt, hyper, step,
-                interrupt, called):
+                interrupt, called, ctl):
     """Train batches b0..b1-1 of an epoch; batch b is rows
     order[b*batch_size:(b+1)*batch_size] (the last may be partial).
 
@@ -595,7 +595,14 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     in those tuples, train_epoch writes order's batch bounds into batch (int64, 2:
     start and size) and the step's scalars (the parameters' dtype, 9), and reads the
     loss_parts, correct_parts and sq_parts (one per chunk) that the kernels fill;
-    called (bool, (2, n_chunks)) is a workspace.
+    called (bool, (2, n_chunks)) and ctl (int64, CTL_SIZE: the chunks' barrier
+    counters, zeroed here) are workspaces. ctl is the caller's, not allocated here:
+    numba frees a local array after its last use in the function, and its last use
+    here would be packing it, before the chunks run (pack_call's block holds no
+    reference). Allocated here, it was freed memory by the time the chunks counted
+    in it, and a reuse of that memory during the epoch could hang every chunk at a
+    barrier (all three threads waiting, twice in about 1,100 runs with 3 or 4
+    threads on 2 cores) or crash.
 
     opt is the optimiser's code; hyper holds (momentum, beta_1, beta_2, epsilon,
     alpha) as float64; step[0] counts Adam's steps across calls. The summed loss
@@ -624,7 +631,9 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     # only the packed blocks and the chunk number (see fastmlp.kernels.native).
     fb = pack_call(kernels[0], kernels[1], forward_args)
     up = pack_call(kernels[2], kernels[3], update_args)
-    ctl = np.zeros(CTL_SIZE, dtype=np.int64)
+    for i in range(ctl.shape[0]):
+        ctl[i] = 0
+    # Read after the chunks have run (below), so numba keeps it until then.
     out = np.zeros(4)
     out[BAD] = -1
     out[DONE] = b1

@@ -71,7 +71,13 @@ def pack_call(typingctx, addr, key, args):
     (valid until the caller returns; args are stored as they are, so arrays must
     not be replaced in the meantime, only their contents). Returns
     (trampoline, block) for call_packed, or (0, 0) when key is not
-    signature_key of those argument types."""
+    signature_key of those argument types.
+
+    The block holds no reference to the arrays in args: each must stay alive by
+    other means until the last call_packed, for numba frees an array the caller
+    allocated once the caller no longer uses it (so an array allocated in the
+    caller must also be used after the packed calls, or be the caller's
+    argument)."""
     if not (isinstance(addr, types.Integer) and isinstance(key, types.Integer)):
         raise TypingError("pack_call: addr and key must be integers")
     if not isinstance(args, types.BaseTuple):

@@ -178,3 +178,110 @@ def test_engine_stops_when_the_optimizer_kernel_has_other_types(monkeypatch, opt
     from fastmlp.kernels import epoch
     _fit_with_wrong_keys(monkeypatch, lambda d: d is epoch.optimizer_row, "per-chunk kernel",
                          optimizer)
+
+
+def _packed_locals_freed_before(func, runner):
+    """Arrays that func allocates itself, packs into a block (pack_call) and lets
+    numba free (a `del`, numba's release of a variable after its last use) on some
+    path from the packing to the call of runner, which runs the packed calls. The
+    block holds no reference, so those would be freed memory when the kernels
+    use them."""
+    from numba.core import compiler, ir, postproc
+    fir = compiler.run_frontend(func.py_func)
+    postproc.PostProcessor(fir).run(emit_dels=True)
+
+    def callee(expr):
+        if isinstance(expr, ir.Expr) and expr.op == "call":
+            target = fir.get_definition(expr.func)
+            if isinstance(target, (ir.Global, ir.FreeVar)):
+                return target.value
+            if isinstance(target, ir.Expr) and target.op == "getattr":
+                owner = fir.get_definition(target.value)
+                if isinstance(owner, (ir.Global, ir.FreeVar)):
+                    return getattr(owner.value, target.attr, None)
+        return None
+
+    packed, allocated = [], set()
+    run_at = None
+    for label, block in fir.blocks.items():
+        for i, stmt in enumerate(block.body):
+            if not isinstance(stmt, ir.Assign):
+                continue
+            fn = callee(stmt.value)
+            if fn is pack_call:
+                args = fir.get_definition(stmt.value.args[2])
+                # A tuple built here; one passed in (an ir.Arg) is the caller's.
+                items = args.items if isinstance(args, ir.Expr) and args.op == "build_tuple" else []
+                # numba may release an item as soon as the tuple holds it: count
+                # from the tuple's construction.
+                built = next(j for j, st in enumerate(block.body) if isinstance(st, ir.Assign)
+                             and st.target.name == stmt.value.args[2].name)
+                packed.append(((label, built), [v.name for v in items
+                                                if isinstance(v, ir.Var)]))
+            elif fn in (np.zeros, np.empty, np.ones):
+                allocated.add(stmt.target.name)
+            elif fn is runner:
+                run_at = (label, i)
+    assert packed and run_at is not None
+    succ = {label: [t for t in (getattr(b.terminator, "target", None),
+                                getattr(b.terminator, "truebr", None),
+                                getattr(b.terminator, "falsebr", None)) if t is not None]
+            for label, b in fir.blocks.items()}
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in succ[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    freed = set()
+    for (plabel, pi), names in packed:
+        mine = set(names) & allocated
+        # Blocks on a path from the packing to the run (both included).
+        between = {b for b in reach(plabel) | {plabel}
+                   if b == run_at[0] or run_at[0] in reach(b)}
+        for label in between:
+            for i, stmt in enumerate(fir.blocks[label].body):
+                if (label == plabel and i <= pi) or (label == run_at[0] and i >= run_at[1]):
+                    continue
+                if isinstance(stmt, ir.Del) and stmt.value in mine:
+                    freed.add(stmt.value)
+    return freed
+
+
+def test_train_epoch_keeps_every_packed_array_alive_while_the_chunks_run():
+    # The barriers' counters were once allocated in train_epoch and packed for the
+    # chunks, whose run then read and wrote freed memory: numba released the array
+    # right after packing it (its last use), and a rare reuse of that memory hung
+    # every chunk at a barrier.
+    from fastmlp.kernels import epoch
+    assert _packed_locals_freed_before(epoch.train_epoch, epoch.run_chunks) == set()
+
+
+def test_the_packed_lifetime_check_sees_a_freed_array():
+    # The check above, on the mistake it guards against: a local array packed and
+    # not used again.
+    @njit
+    def freed_too_early(addr, key, called):
+        ctl = np.zeros(4, dtype=np.int64)
+        tramp, block = pack_call(addr, key, (ctl,))
+        _run_packed(tramp, block, called)
+
+    @njit
+    def kept(addr, key, called):
+        ctl = np.zeros(4, dtype=np.int64)
+        tramp, block = pack_call(addr, key, (ctl,))
+        _run_packed(tramp, block, called)
+        return ctl[0]
+
+    assert _packed_locals_freed_before(freed_too_early, _run_packed) == {"ctl"}
+    assert _packed_locals_freed_before(kept, _run_packed) == set()
+
+
+@njit
+def _run_packed(tramp, block, called):
+    for t in range(called.shape[0]):
+        called[t] = call_packed(tramp, block, t)
