@@ -4,7 +4,7 @@ import contextlib
 import numpy as np
 
 from . import activations, losses
-from .kernels import dense, epoch, native
+from .kernels import dense, epoch, native, sync
 
 # Below this fraction of nonzeros the first layer reads the input as CSR.
 SPARSE_DENSITY = 0.5
@@ -143,7 +143,7 @@ class Engine:
         self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)
         self.called = np.zeros((2, T), dtype=np.bool_)   # each chunk's two kernels
-        self.ctl = np.zeros(epoch.CTL_SIZE, dtype=np.int64)   # their barriers' counters
+        self.ctl = np.zeros(sync.CTL_SIZE, dtype=np.int64)    # their barriers' counters
         self.batch = np.zeros(2, dtype=np.int64)
         self.scalars = np.zeros(9, dtype=dt)
         self.tiny, self.top = _clip_bounds(dt)

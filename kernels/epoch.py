@@ -50,7 +50,7 @@ from numba import njit, prange
 from .fpenv import flush_subnormals, restore_fp_state
 from . import native
 from .native import call_at, call_packed, pack_call
-from .sync import ALL, ALONE, CTL_SIZE, STOP, barrier, check_in
+from .sync import ALL, ALONE, STOP, barrier, check_in
 from .simd import combine_whole_row, sparse_combine_row, sparse_scatter_row, takes_whole_row
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
                     csr_matmul_rows, matmul_rows, output_delta_rows, weight_grad_rows)
