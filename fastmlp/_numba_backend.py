@@ -50,7 +50,8 @@ _NO_INDICES = np.zeros(0, dtype=np.int32)
 def row_nonzeros(X):
     """The number of nonzeros in each row of a C-contiguous 2-D array (int64)."""
     counts = np.empty(X.shape[0], dtype=np.int64)
-    dense.csr_rows(X, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype), False)
+    dense.csr_rows(X, np.arange(X.shape[1], dtype=np.int64), 0, counts, counts, _NO_INDICES,
+                   np.zeros(0, dtype=X.dtype), np.zeros((0, 0), dtype=X.dtype), False)
     return counts
 
 
@@ -59,14 +60,57 @@ def to_csr(X, counts=None):
     compiled passes over the rows (count, fill), 5-10x faster than np.nonzero.
     counts: row_nonzeros(X), where the caller has it already."""
     X = np.ascontiguousarray(X)
+    return split_csr(X, np.arange(X.shape[1], dtype=np.int64), 0, counts)[1:]
+
+
+def split_csr(X, perm, n_dense, counts=None):
+    """(dense, indptr, indices, values): X's columns in the order perm, the first
+    n_dense of them as a dense C-contiguous array (n, n_dense), the rest as CSR
+    arrays whose column indices are positions in perm. counts: the rest's nonzeros
+    per row, where the caller has them already."""
+    X = np.ascontiguousarray(X)
+    perm = np.ascontiguousarray(perm, dtype=np.int64)
+    n_dense = int(n_dense)
     if counts is None:
-        counts = row_nonzeros(X)
+        counts = np.empty(X.shape[0], dtype=np.int64)
+        dense.csr_rows(X, perm, n_dense, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
+                       np.zeros((0, 0), dtype=X.dtype), False)
     indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(indptr[-1], dtype=np.int32)
     values = np.empty(indptr[-1], dtype=X.dtype)
-    dense.csr_rows(X, counts, indptr, indices, values, True)
-    return indptr, indices, values
+    Xd = np.empty((X.shape[0], n_dense), dtype=X.dtype)
+    dense.csr_rows(X, perm, n_dense, counts, indptr, indices, values, Xd, True)
+    return Xd, indptr, indices, values
+
+
+# A sparse input's columns nonzero in at least this fraction of rows (MNIST's
+# middle, 195 of 784 pixels covering 72% of its nonzeros) go through the first
+# layer's dense products; the rest through the CSR kernels. (See README, Speed.)
+DENSE_COLUMN_DENSITY = 0.3
+# Fewer dense columns than this are left in the CSR.
+MIN_DENSE_COLUMNS = 16
+# Rows sampled (evenly spaced) to find the dense columns.
+DENSITY_SAMPLE_ROWS = 4096
+
+
+def dense_columns(X, density=DENSE_COLUMN_DENSITY):
+    """perm, n_dense: X's columns nonzero in at least `density` of its rows (of
+    evenly spaced rows of a large X), ascending, then the other columns, ascending;
+    n_dense is how many of the first kind there are."""
+    step = max(1, X.shape[0] // DENSITY_SAMPLE_ROWS)
+    sample = X[::step]
+    dense_col = np.count_nonzero(sample, axis=0) >= density * sample.shape[0]
+    perm = np.concatenate([np.flatnonzero(dense_col), np.flatnonzero(~dense_col)])
+    return perm.astype(np.int64), int(dense_col.sum())
+
+
+def splits_columns(model):
+    """Whether a sparse first layer of this model takes its dense columns through
+    the dense products: where those are compiled tiles (a first layer at least
+    one vector wide)."""
+    return dense.TILES and model.layer_sizes[1] * np.dtype(model.dtype).itemsize >= \
+        dense.FWD_MIN_BYTES
 
 
 class Engine:
@@ -102,16 +146,23 @@ class Engine:
         # (np.count_nonzero took 0.1 s on MNIST, longer than building the CSR).
         counts = row_nonzeros(X)
         self.sparse = bool(counts.sum() < SPARSE_DENSITY * X.size)
+        # W_1's rows in the order of the split input's columns (None: as they are).
+        self.perm = None
         if self.sparse:
-            self.indptr, self.indices, self.values = to_csr(X, counts)
-            self.X = np.zeros((1, X.shape[1]), dtype=m.dtype)
+            perm, n_dense = dense_columns(X) if splits_columns(m) else (None, 0)
+            if n_dense >= MIN_DENSE_COLUMNS:
+                self.perm = perm
+                self.X, self.indptr, self.indices, self.values = split_csr(X, perm, n_dense)
+            else:
+                self.indptr, self.indices, self.values = to_csr(X, counts)
+                self.X = np.zeros((1, 0), dtype=m.dtype)
         else:
             self.X = X
             self.indptr = np.zeros(1, dtype=np.int64)
             self.indices = np.zeros(0, dtype=np.int32)
             self.values = np.zeros(0, dtype=m.dtype)
         T = numba.get_num_threads()
-        key = (T, tuple(m.layer_sizes), m.dtype, self.sparse)
+        key = (T, tuple(m.layer_sizes), m.dtype, self.sparse, self.n_dense)
         if key != self._ws_key:
             self._allocate(T)
             self._ws_key = key
@@ -120,8 +171,15 @@ class Engine:
         m, B = self.model, self.batch_size
         dt, sizes = m.dtype, m.layer_sizes
         n_in = sizes[0]
-        # The dense batch is gathered only for a dense input; a sparse one is read as CSR.
-        self.A0 = np.zeros((1 if self.sparse else B, n_in), dtype=dt)
+        # The dense batch is gathered for a dense input, and a sparse one's dense
+        # columns; the rest is read as CSR.
+        if self.sparse:
+            self.A0 = np.zeros((B if self.n_dense else 1, self.n_dense), dtype=dt)
+        else:
+            self.A0 = np.zeros((B, n_in), dtype=dt)
+        # W_1 and its moments, rows in the order perm, while the epoch runs.
+        self.permuted = [np.zeros((n_in, sizes[1]), dtype=dt) for _ in range(3)] \
+            if self.n_dense else []
         self.Yb = np.zeros((B, sizes[-1]), dtype=dt)
         self.As = tuple(np.zeros((B, n), dtype=dt) for n in sizes[1:])
         self.Ds = tuple(np.zeros((B, n), dtype=dt) for n in sizes[1:])
@@ -150,6 +208,11 @@ class Engine:
         self.codes = _codes(m)
         self.loss_code = losses.CODES[self.loss]
 
+    @property
+    def n_dense(self):
+        """How many of a sparse input's columns the first layer reads as dense."""
+        return self.X.shape[1] if self.sparse else 0
+
     def _optimizer_args(self):
         m, opt = self.model, self.optimizer
         s = opt.ensure_state(m.weights, m.biases)
@@ -164,11 +227,41 @@ class Engine:
 
     def train_batches(self, order, bs, b0, b1, lr, stop=None):
         m = self.model
+        opt, hyper, step, Ms, Vs, mbs, vbs = self._optimizer_args()
+        Ws = tuple(m.weights)
+        if self.perm is None:
+            return self._train_batches(order, bs, b0, b1, lr, stop, Ws, opt, hyper, step, Ms, Vs,
+                                       mbs, vbs)
+        # The kernels see W_1 and its moments with their rows in the order of the
+        # split input's columns (perm), in workspaces; they are put back in place
+        # however the run ends. An array standing in for an unused moment is W_1
+        # itself, and gets W_1's workspace.
+        moved = []
+
+        def permuted(a):
+            for orig, buf in moved:
+                if orig is a:
+                    return buf
+            buf = self.permuted[len(moved)]
+            np.take(a, self.perm, axis=0, out=buf)
+            moved.append((a, buf))
+            return buf
+        Ws = (permuted(Ws[0]),) + Ws[1:]
+        Ms = (permuted(Ms[0]),) + tuple(Ms[1:])
+        Vs = (permuted(Vs[0]),) + tuple(Vs[1:])
+        try:
+            return self._train_batches(order, bs, b0, b1, lr, stop, Ws, opt, hyper, step, Ms, Vs,
+                                       mbs, vbs)
+        finally:
+            for orig, buf in moved:
+                orig[self.perm] = buf
+
+    def _train_batches(self, order, bs, b0, b1, lr, stop, Ws, opt, hyper, step, Ms, Vs, mbs,
+                       vbs):
         if stop is None:
             stop = np.zeros(1, dtype=np.int64)
-        Ws, bs_ = tuple(m.weights), tuple(m.biases)
+        bs_ = tuple(self.model.biases)
         order = np.ascontiguousarray(order, dtype=np.int64)
-        opt, hyper, step, Ms, Vs, mbs, vbs = self._optimizer_args()
         # The arguments of the two per-chunk kernels after the chunk number. Each is
         # compiled (or loaded from the cache) on its own for exactly these types, and
         # train_epoch calls it through its address.

@@ -35,10 +35,22 @@ def digest(model):
     return h.hexdigest()
 
 
-def inputs(rng, n, n_in):
+# The 784-input nets whose test inputs have a band of dense columns, which the
+# compiled epoch's first layer reads through its dense products (Engine.perm);
+# the others' inputs are sparse throughout. Each of the two sparse weight
+# gradients (scatter: 64 units, 32; CSC: 100 units) is tested both ways.
+SPLIT_NETS = ([784, 64, 32, 16, 10], [784, 100, 10])
+
+
+def inputs(rng, n, n_in, split=True):
     X = rng.random((n, n_in))
     if n_in == 784:
-        X[rng.random(X.shape) < 0.8] = 0        # MNIST-like sparsity: the CSR path
+        # MNIST-like sparsity (80% zeros): the CSR path; with split, columns
+        # 300-499 are nonzero in 70% of rows, as MNIST's middle pixels are.
+        zero = np.full(n_in, 0.8)
+        if split:
+            zero[300:500] = 0.3
+        X[rng.random(X.shape) < zero] = 0
     return X
 
 
@@ -75,7 +87,7 @@ def test_epoch_on_three_chunks_equals_reference_float64(sizes, acts, loss):
 def _epoch_against_reference(sizes, acts, loss, threads, chunks=None):
     rng = np.random.default_rng(99)
     n, bs = 230, 32                         # 8 batches, the last of 6 rows
-    X = inputs(rng, n, sizes[0])
+    X = inputs(rng, n, sizes[0], split=sizes in SPLIT_NETS)
     ref_model = fastmlp.MLP(sizes, acts, dtype="float64", seed=5)
     Y = fastmlp.trainer.targets(ref_model, random_targets(rng, n, sizes[-1], loss, ref_model.activations[-1]))
     got_model = copy.deepcopy(ref_model)
@@ -95,6 +107,11 @@ def _epoch_against_reference(sizes, acts, loss, threads, chunks=None):
     assert engine.sparse == (sizes[0] == 784)
     assert (engine.cptr is not None) == (engine.sparse and sparse_grad_uses_csc(sizes[1]))
     assert (engine.cptr is not None) == (sizes[:2] == [784, 100])   # both ways are tested
+    # The band of dense columns (and only it) is read as dense, where it exists.
+    split = sizes in SPLIT_NETS
+    assert engine.n_dense == (200 if split else 0)
+    if split:
+        np.testing.assert_array_equal(np.sort(engine.perm[:200]), np.arange(300, 500))
     assert done == -(-n // bs)
     assert bad == -1
     assert c_got == c_ref
@@ -103,6 +120,35 @@ def _epoch_against_reference(sizes, acts, loss, threads, chunks=None):
         np.testing.assert_allclose(b, a, rtol=1e-10, atol=1e-12)
     # Training moved the weights: the comparison is not of two untouched copies.
     assert not np.allclose(ref_model.weights[0], fastmlp.MLP(sizes, acts, dtype="float64", seed=5).weights[0])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_split_input_puts_w1_and_its_moments_back(optimizer):
+    """The compiled epoch sees W_1 and its moments with rows reordered (Engine.perm)
+    and puts them back however the run ends: a run stopped before its first batch
+    leaves them exactly as they were. (That the rows are put back in the right
+    order after training is what the epoch tests against the reference check.)"""
+    rng = np.random.default_rng(4)
+    X = inputs(rng, 640, 784)
+    y = rng.integers(0, 10, 640)
+    model = fastmlp.MLP([784, 100, 10], ["relu", "softmax"], dtype="float64", seed=2)
+    trainer = fastmlp.Trainer(model, lr=0.01, batch_size=32, threads=1, optimizer=optimizer)
+    trainer.fit(X, y, epochs=1)                   # moments that are not zero
+    engine = trainer._get_engine()
+    assert engine.n_dense == 200
+    state = trainer.optimizer.state
+    before = [a.copy() for a in [model.weights[0]] + list(state.get("mW", [])[:1])
+              + list(state.get("vW", [])[:1])]
+    Y = fastmlp.trainer.targets(model, y)
+    with engine.threads_context():
+        engine.prepare(X, Y)
+        total, correct, bad, done = engine.train_batches(np.arange(640), 32, 0, 2, 0.01,
+                                                         np.ones(1, dtype=np.int64))
+    assert done == 0
+    after = [model.weights[0]] + list(state.get("mW", [])[:1]) + list(state.get("vW", [])[:1])
+    assert len(after) == (3 if optimizer == "adam" else 1)
+    for a, b in zip(before, after):
+        assert a.tobytes() == b.tobytes()
 
 
 @pytest.mark.parametrize("threads", THREADS)

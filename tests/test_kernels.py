@@ -288,6 +288,47 @@ def test_to_csr_equals_scipy(dtype):
         assert values.dtype == dtype and indices.dtype == np.int32
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_csr_equals_numpy(dtype):
+    """The columns in perm's order, the first n_dense dense, the rest a CSR whose
+    indices are positions in perm: against fancy indexing and SciPy's CSR."""
+    import scipy.sparse
+    from fastmlp._numba_backend import split_csr
+    rng = np.random.default_rng(17)
+    for shape in [(1, 1), (7, 17), (100, 785), (33, 3)]:
+        X = rng.normal(size=shape).astype(dtype)
+        X[rng.random(shape) < 0.7] = 0
+        X[0] = 0                                   # an empty row
+        perm = rng.permutation(shape[1])
+        for n_dense in sorted({0, 1, shape[1] // 2, shape[1]}):
+            Xd, indptr, indices, values = split_csr(X, perm, n_dense)
+            Xp = X[:, perm]
+            assert Xd.shape == (shape[0], n_dense) and Xd.flags.c_contiguous
+            np.testing.assert_array_equal(Xd, Xp[:, :n_dense])
+            rest = Xp.copy()
+            rest[:, :n_dense] = 0
+            ref = scipy.sparse.csr_matrix(rest)
+            np.testing.assert_array_equal(indptr, ref.indptr)
+            np.testing.assert_array_equal(indices, ref.indices)
+            np.testing.assert_array_equal(values, ref.data)
+            assert values.dtype == dtype and indices.dtype == np.int32
+
+
+def test_dense_columns_are_those_nonzero_often_enough():
+    from fastmlp._numba_backend import DENSE_COLUMN_DENSITY, dense_columns
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(200, 50))
+    X[rng.random(X.shape) < rng.random(50)] = 0   # each column its own density
+    perm, n_dense = dense_columns(X)
+    often = (X != 0).mean(axis=0) >= DENSE_COLUMN_DENSITY
+    assert 0 < n_dense < 50
+    np.testing.assert_array_equal(perm[:n_dense], np.flatnonzero(often))
+    np.testing.assert_array_equal(perm[n_dense:], np.flatnonzero(~often))
+    # A large input is judged by evenly spaced rows, the same ones every time.
+    big = np.repeat(X, 100, axis=0)
+    np.testing.assert_array_equal(dense_columns(big)[0], perm)
+
+
 @functools.lru_cache(maxsize=None)
 def _scalar_combine_kernel():
     from numba import njit
