@@ -6,7 +6,8 @@ import numpy as np
 from . import activations, losses
 from .kernels import dense, epoch, native, sync
 
-# Below this fraction of nonzeros the first layer reads the input as CSR.
+# Below this fraction of nonzeros (in sampled_rows) the first layer reads the
+# input as CSR.
 SPARSE_DENSITY = 0.5
 
 
@@ -47,34 +48,24 @@ def num_threads(threads):
 _NO_INDICES = np.zeros(0, dtype=np.int32)
 
 
-def row_nonzeros(X):
-    """The number of nonzeros in each row of a C-contiguous 2-D array (int64)."""
-    counts = np.empty(X.shape[0], dtype=np.int64)
-    dense.csr_rows(X, np.arange(X.shape[1], dtype=np.int64), 0, counts, counts, _NO_INDICES,
-                   np.zeros(0, dtype=X.dtype), np.zeros((0, 0), dtype=X.dtype), False)
-    return counts
-
-
-def to_csr(X, counts=None):
+def to_csr(X):
     """CSR arrays (indptr int64, indices int32, values) of a dense 2-D array: two
-    compiled passes over the rows (count, fill), 5-10x faster than np.nonzero.
-    counts: row_nonzeros(X), where the caller has it already."""
+    compiled passes over the rows (count, fill), 5-10x faster than np.nonzero."""
     X = np.ascontiguousarray(X)
-    return split_csr(X, np.arange(X.shape[1], dtype=np.int64), 0, counts)[1:]
+    return split_csr(X, np.arange(X.shape[1], dtype=np.int64), 0)[1:]
 
 
-def split_csr(X, perm, n_dense, counts=None):
+def split_csr(X, perm, n_dense):
     """(dense, indptr, indices, values): X's columns in the order perm, the first
     n_dense of them as a dense C-contiguous array (n, n_dense), the rest as CSR
-    arrays whose column indices are positions in perm. counts: the rest's nonzeros
-    per row, where the caller has them already."""
+    arrays whose column indices are positions in perm. Two compiled passes over
+    the rows (count, fill)."""
     X = np.ascontiguousarray(X)
     perm = np.ascontiguousarray(perm, dtype=np.int64)
     n_dense = int(n_dense)
-    if counts is None:
-        counts = np.empty(X.shape[0], dtype=np.int64)
-        dense.csr_rows(X, perm, n_dense, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
-                       np.zeros((0, 0), dtype=X.dtype), False)
+    counts = np.empty(X.shape[0], dtype=np.int64)
+    dense.csr_rows(X, perm, n_dense, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
+                   np.zeros((0, 0), dtype=X.dtype), False)
     indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(indptr[-1], dtype=np.int32)
@@ -85,22 +76,28 @@ def split_csr(X, perm, n_dense, counts=None):
 
 
 # A sparse input's columns nonzero in at least this fraction of rows (MNIST's
-# middle, 195 of 784 pixels covering 72% of its nonzeros) go through the first
-# layer's dense products; the rest through the CSR kernels. (See README, Speed.)
+# middle, about 230 of 784 pixels covering 81% of its nonzeros) go through the
+# first layer's dense products; the rest through the CSR kernels. 30% against
+# 40%, 50% and 20% measured in whole epochs (README, Speed, "A fifth session").
 DENSE_COLUMN_DENSITY = 0.3
 # Fewer dense columns than this are left in the CSR.
 MIN_DENSE_COLUMNS = 16
-# Rows sampled (evenly spaced) to find the dense columns.
+# At least this many rows (evenly spaced) are sampled to decide whether an input
+# is sparse and which of its columns are dense.
 DENSITY_SAMPLE_ROWS = 4096
 
 
+def sampled_rows(X):
+    """Every k-th row of X, k = max(1, len(X) // DENSITY_SAMPLE_ROWS): the same rows
+    every time."""
+    return X[::max(1, X.shape[0] // DENSITY_SAMPLE_ROWS)]
+
+
 def dense_columns(X, density=DENSE_COLUMN_DENSITY):
-    """perm, n_dense: X's columns nonzero in at least `density` of its rows (of
-    evenly spaced rows of a large X), ascending, then the other columns, ascending;
-    n_dense is how many of the first kind there are."""
-    step = max(1, X.shape[0] // DENSITY_SAMPLE_ROWS)
-    sample = X[::step]
-    dense_col = np.count_nonzero(sample, axis=0) >= density * sample.shape[0]
+    """perm, n_dense: X's columns nonzero in at least `density` of its rows,
+    ascending, then the other columns, ascending; n_dense is how many of the first
+    kind there are."""
+    dense_col = np.count_nonzero(X, axis=0) >= density * X.shape[0]
     perm = np.concatenate([np.flatnonzero(dense_col), np.flatnonzero(~dense_col)])
     return perm.astype(np.int64), int(dense_col.sum())
 
@@ -142,19 +139,20 @@ class Engine:
         _contiguous_params(m)
         self.Y = Y
         X = np.ascontiguousarray(X)
-        # The compiled, parallel count serves both the choice and the CSR
-        # (np.count_nonzero took 0.1 s on MNIST, longer than building the CSR).
-        counts = row_nonzeros(X)
-        self.sparse = bool(counts.sum() < SPARSE_DENSITY * X.size)
+        # Both choices (CSR or not, which columns are dense) are made from evenly
+        # spaced rows: counting the nonzeros of every row took 45 ms of 150 for
+        # MNIST (np.count_nonzero over all of it 0.1 s).
+        sample = sampled_rows(X)
+        self.sparse = bool(np.count_nonzero(sample) < SPARSE_DENSITY * sample.size)
         # W_1's rows in the order of the split input's columns (None: as they are).
         self.perm = None
         if self.sparse:
-            perm, n_dense = dense_columns(X) if splits_columns(m) else (None, 0)
+            perm, n_dense = dense_columns(sample) if splits_columns(m) else (None, 0)
             if n_dense >= MIN_DENSE_COLUMNS:
                 self.perm = perm
                 self.X, self.indptr, self.indices, self.values = split_csr(X, perm, n_dense)
             else:
-                self.indptr, self.indices, self.values = to_csr(X, counts)
+                self.indptr, self.indices, self.values = to_csr(X)
                 self.X = np.zeros((1, 0), dtype=m.dtype)
         else:
             self.X = X
