@@ -25,6 +25,8 @@ Every output number is a sum in a fixed order (fused multiply-adds along the
 inner dimension; for gemm_nt, per lane, then halved, then the tail), so results
 are the same bits on every run and for every split of the rows between threads.
 """
+import contextlib
+
 import numpy as np
 
 from llvmlite import binding as llvm_binding
@@ -54,7 +56,8 @@ VECTOR_BYTES = 64 if HAS_AVX512 else 32
 # in the registers: the wide gemm tile is WIDE_ROWS x WIDE_VECTORS vectors (6 x 4 =
 # 24 accumulators of 32 registers; 6 x 2 = 12 of 16 with AVX2), the narrow one
 # TILE1_ROWS x 1, the dot tile DOT_ROWS x 4. The switch in each intrinsic compiles
-# one loop per row count up to these (more variants cost compile time, not speed).
+# a loop for every other row count up to these (_row_variants: each variant costs
+# compile time, not speed).
 WIDE_VECTORS = 4 if HAS_AVX512 else 2
 WIDE_ROWS, TILE1_ROWS = 6, 8
 DOT_ROWS = 4 if HAS_AVX512 else 2
@@ -106,6 +109,46 @@ def _row_stride(builder, vec, arr):
     return builder.sdiv(cgutils.unpack_tuple(builder, arr.strides)[0], vec.c(vec.align))
 
 
+def _row_variants(max_rows):
+    """The row counts a tile's loop is compiled for: every other one up to max_rows
+    (2, 4, 6 for 6; 2, 4, 6, 8 for 8), so that a tile of mr rows runs the loop for at
+    most one row more (rows past mr read row mr - 1 again and are not stored; each
+    row's sums are its own, so the bits are the same). One loop for every row count
+    (1 to max_rows) cost a cold start 1.3-2.8 s more (seed000, alternating processes:
+    19.2, 16.8, 19.7 s against 17.8, 15.5, 16.9); whole epochs on 2 threads, paired,
+    were no different (seed000 1.04 and 0.99, seed002 0.92 and 0.94, wide 1.01 and
+    1.01, the estimator's network 0.93-1.09)."""
+    return tuple(range(max_rows % 2 or 2, max_rows + 1, 2))
+
+
+def _switch_rows(builder, vec, mr, variants, name, emit):
+    """emit(rows) for the smallest of variants (ascending) that is at least mr, at run
+    time; nothing for mr < 1 or above the largest."""
+    b = builder
+    sel = vec.c(variants[-1])
+    for v in reversed(variants[:-1]):
+        sel = b.select(b.icmp_signed("<=", mr, vec.c(v)), vec.c(v), sel)
+    outside = b.or_(b.icmp_signed("<", mr, vec.c(1)), b.icmp_signed(">", mr, vec.c(variants[-1])))
+    sel = b.select(outside, vec.c(0), sel)
+    simd._switch(b, vec.intp, sel, variants, name, emit)
+
+
+def _clamped_row(builder, vec, i, mr):
+    """Row i of a tile compiled for more rows than the mr it runs: rows from mr on
+    read row mr - 1 again (in bounds; their results are not stored)."""
+    if i == 0:
+        return vec.c(0)
+    b = builder
+    return b.select(b.icmp_signed("<", vec.c(i), mr), vec.c(i), b.sub(mr, vec.c(1)))
+
+
+def _if_row(builder, vec, i, mr):
+    """A block that runs only when row i of the tile is one of its mr rows."""
+    if i == 0:
+        return contextlib.nullcontext()
+    return builder.if_then(builder.icmp_signed("<", vec.c(i), mr))
+
+
 def _gemm_tile_intrinsic(nv, max_rows):
     @intrinsic
     def gemm_tile(typingctx, C, A, B, mr, i0, j0, jl, a0, ais, aks, b0, K):
@@ -127,24 +170,26 @@ def _gemm_tile_intrinsic(nv, max_rows):
             b = builder
             cols = [b.add(j0_, vec.c(v * vec.lanes)) for v in range(nv - 1)] + [jl_]
 
-            def emit(mr):
+            def emit(rows):
                 accs = [[cgutils.alloca_once_value(b, vec.zero) for _ in range(nv)]
-                        for _ in range(mr)]
-                arow = [b.add(a0_, b.mul(vec.c(i), ais_)) for i in range(mr)]
+                        for _ in range(rows)]
+                arow = [b.add(a0_, b.mul(_clamped_row(b, vec, i, mr_), ais_))
+                        for i in range(rows)]
                 with cgutils.for_range(b, K_) as loop:
                     k = loop.index
                     brow = b.mul(b.add(b0_, k), ldb)
                     bv = [vec.load(b_.data, b.add(brow, cols[v])) for v in range(nv)]
                     koff = b.mul(k, aks_)
-                    for i in range(mr):
+                    for i in range(rows):
                         x = vec.splat(b.load(b.gep(a_.data, [b.add(arow[i], koff)])))
                         for v in range(nv):
                             b.store(b.call(vec.fma, [x, bv[v], b.load(accs[i][v])]), accs[i][v])
-                for i in range(mr):
-                    crow = b.mul(b.add(i0_, vec.c(i)), ldc)
-                    for v in range(nv):
-                        vec.store(b.load(accs[i][v]), c_.data, b.add(crow, cols[v]))
-            simd._switch(b, vec.intp, mr_, range(1, max_rows + 1), f"gemm{nv}", emit)
+                for i in range(rows):
+                    with _if_row(b, vec, i, mr_):
+                        crow = b.mul(b.add(i0_, vec.c(i)), ldc)
+                        for v in range(nv):
+                            vec.store(b.load(accs[i][v]), c_.data, b.add(crow, cols[v]))
+            _switch_rows(b, vec, mr_, _row_variants(max_rows), f"gemm{nv}", emit)
             return context.get_dummy_value()
         return sig, codegen
     return gemm_tile
@@ -177,28 +222,31 @@ def _dot_tile_intrinsic(nc):
             nvec = b.udiv(J_, vec.c(vec.lanes))
             jt = b.mul(nvec, vec.c(vec.lanes))
 
-            def emit(mr):
+            def emit(rows):
                 accs = [[cgutils.alloca_once_value(b, vec.zero) for _ in range(nc)]
-                        for _ in range(mr)]
-                arow = [b.mul(b.add(i0_, vec.c(i)), lda) for i in range(mr)]
+                        for _ in range(rows)]
+                arow = [b.mul(b.add(i0_, _clamped_row(b, vec, i, mr_)), lda)
+                        for i in range(rows)]
                 with cgutils.for_range(b, nvec) as loop:
                     j = b.mul(loop.index, vec.c(vec.lanes))
                     bv = [vec.load(b_.data, b.add(brow[c], j)) for c in range(nc)]
-                    for i in range(mr):
+                    for i in range(rows):
                         av = vec.load(a_.data, b.add(arow[i], j))
                         for c in range(nc):
                             b.store(b.call(vec.fma, [av, bv[c], b.load(accs[i][c])]),
                                     accs[i][c])
-                for i in range(mr):
-                    crow = b.mul(b.add(i0_, vec.c(i)), ldc)
-                    for c in range(nc):
-                        s = cgutils.alloca_once_value(b, vec.hsum(b.load(accs[i][c])))
-                        with cgutils.for_range_slice(b, jt, J_, vec.c(1)) as (j, _):
-                            x = b.load(b.gep(a_.data, [b.add(arow[i], j)]))
-                            y = b.load(b.gep(b_.data, [b.add(brow[c], j)]))
-                            b.store(b.fadd(b.load(s), b.fmul(x, y)), s)
-                        b.store(b.load(s), b.gep(c_.data, [b.add(crow, b.add(k0_, vec.c(c)))]))
-            simd._switch(b, vec.intp, mr_, range(1, DOT_ROWS + 1), f"dot{nc}", emit)
+                for i in range(rows):
+                    with _if_row(b, vec, i, mr_):
+                        crow = b.mul(b.add(i0_, vec.c(i)), ldc)
+                        for c in range(nc):
+                            s = cgutils.alloca_once_value(b, vec.hsum(b.load(accs[i][c])))
+                            with cgutils.for_range_slice(b, jt, J_, vec.c(1)) as (j, _):
+                                x = b.load(b.gep(a_.data, [b.add(arow[i], j)]))
+                                y = b.load(b.gep(b_.data, [b.add(brow[c], j)]))
+                                b.store(b.fadd(b.load(s), b.fmul(x, y)), s)
+                            b.store(b.load(s),
+                                    b.gep(c_.data, [b.add(crow, b.add(k0_, vec.c(c)))]))
+            _switch_rows(b, vec, mr_, _row_variants(DOT_ROWS), f"dot{nc}", emit)
             return context.get_dummy_value()
         return sig, codegen
     return dot_tile
