@@ -110,12 +110,30 @@ def yield_cpu(typingctx):
     return types.none(), codegen
 
 
+@intrinsic
+def cycle_count(typingctx):
+    """The CPU's cycle counter (x86's time stamp counter, which runs at a constant
+    rate of about 1-4 GHz; llvm.readcyclecounter), or 0 where LLVM has none."""
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                            "llvm.readcyclecounter")
+        return builder.call(fn, [])
+    return types.int64(), codegen
+
+
 # ctl's cells, a cache line apart: barrier's arrival count and generation,
 # check_in's arrivals, and a flag the leading chunk raises to stop every chunk.
 COUNT, GEN, ARRIVED, STOP = 0, 8, 16, 24
 CTL_SIZE = 32
 CLOSED = 1 << 40            # added to ARRIVED when a chunk gave up waiting
-CHECK_IN_YIELDS = 100_000   # yields before check_in gives up (~0.05-0.1 s)
+# check_in gives up after CHECK_IN_CYCLES of the cycle counter (0.05-0.2 s at 1-4 GHz)
+# and at least CHECK_IN_MIN_YIELDS yields, or after CHECK_IN_YIELDS yields whatever
+# the counter says (where it reads 0). Yields alone are no measure of time: on an
+# idle core 100,000 take 0.05-0.1 s, but with other threads ready to run each may
+# hand over the CPU for a whole time slice (minutes in all).
+CHECK_IN_CYCLES = 200_000_000
+CHECK_IN_MIN_YIELDS = 10
+CHECK_IN_YIELDS = 100_000
 ALONE, PARALLEL, ALL = 0, 1, 2   # check_in's answers
 
 
@@ -125,21 +143,25 @@ ALONE, PARALLEL, ALL = 0, 1, 2   # check_in's answers
 def check_in(ctl, n):
     """Called once by each of the n chunks of a region (ctl zeroed before it).
     PARALLEL: all n are running at once, each on its own thread, and may use
-    barrier. ALL: they were not (a chunk waited CHECK_IN_YIELDS yields for the
-    others); this chunk runs every chunk's work, alone. ALONE: another chunk took
+    barrier. ALL: they were not (a chunk waited for the others as long as
+    CHECK_IN_CYCLES and the yields above say); this chunk runs every chunk's work,
+    alone. ALONE: another chunk took
     the work (ALL); this one does nothing. Exactly one of the n gets ALL, or all
     get PARALLEL: a chunk gives up only by a compare-and-swap of the arrival count
     it saw (below n) to that count plus CLOSED, after which no count equals n."""
     if atomic_add(ctl, ARRIVED, 1) >= CLOSED:
         return ALONE
     yields = 0
+    start = cycle_count()
     while True:
         seen = atomic_load(ctl, ARRIVED)
         if seen == n:
             return PARALLEL
         if seen >= CLOSED:
             return ALONE
-        if yields > CHECK_IN_YIELDS and atomic_cas(ctl, ARRIVED, seen, seen + CLOSED):
+        waited = yields > CHECK_IN_YIELDS or (yields >= CHECK_IN_MIN_YIELDS and
+                                              cycle_count() - start > CHECK_IN_CYCLES)
+        if waited and atomic_cas(ctl, ARRIVED, seen, seen + CLOSED):
             return ALL
         yield_cpu()
         yields += 1

@@ -1,6 +1,10 @@
 """fastmlp.kernels.sync: the check-in and barrier that let a run of batches be one
 parallel region, and the compiled epoch when its chunks cannot run at once."""
 import copy
+import os
+import subprocess
+import sys
+import time
 
 import numba
 import numpy as np
@@ -10,7 +14,7 @@ from numba import njit, prange
 import fastmlp
 from fastmlp._numba_backend import num_threads
 from fastmlp.kernels import sync
-from fastmlp.kernels.sync import ALL, ALONE, PARALLEL, CTL_SIZE, barrier, check_in
+from fastmlp.kernels.sync import ALL, ALONE, PARALLEL, CTL_SIZE, barrier, check_in, cycle_count
 
 from conftest import random_targets
 from test_backends import NETS, digest, inputs
@@ -67,6 +71,45 @@ def test_chunks_run_one_after_another_leave_the_work_to_one():
     _check_in_one_after_another(ctl, modes)
     assert modes.tolist() == [ALL, ALONE, ALONE]
     assert ctl[sync.ARRIVED] >= sync.CLOSED
+
+
+@njit
+def _cycles():
+    return cycle_count()
+
+
+def test_cycle_count_advances():
+    a = _cycles()
+    time.sleep(0.01)
+    b = _cycles()
+    if a == 0 and b == 0:
+        pytest.skip("LLVM has no cycle counter for this CPU (check_in counts yields only)")
+    assert b > a
+
+
+def test_a_chunk_left_alone_gives_up_soon_on_a_busy_machine():
+    """check_in's wait is bounded by the clock, not only by its number of yields:
+    with more runnable threads than cores a yield can hand the CPU over for a whole
+    time slice (on a 2-core VM with four busy processes, 1,000 yields took about 2 s,
+    so the 100,000 yields check_in used to wait for would have been minutes; it now
+    gives up in 0.08 s). A bound of 10 s, far above either, is what this asserts."""
+    _check_in_one_after_another(np.zeros(CTL_SIZE, dtype=np.int64), np.zeros(2, dtype=np.int64))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(min(2 * (cores or 1), 8))]
+    try:
+        time.sleep(0.3)
+        ctl = np.zeros(CTL_SIZE, dtype=np.int64)
+        modes = np.full(2, -1, dtype=np.int64)
+        t = time.perf_counter()
+        _check_in_one_after_another(ctl, modes)
+        seconds = time.perf_counter() - t
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert modes.tolist() == [ALL, ALONE]
+    assert seconds < 10
 
 
 def test_one_chunk_checks_in_alone():
