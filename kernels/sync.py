@@ -112,9 +112,13 @@ def yield_cpu(typingctx):
 
 @intrinsic
 def cycle_count(typingctx):
-    """The CPU's cycle counter (x86's time stamp counter, which runs at a constant
-    rate of about 1-4 GHz; llvm.readcyclecounter), or 0 where LLVM has none."""
+    """x86's time stamp counter (rdtsc through llvm.readcyclecounter; it runs at a
+    constant rate of about 1-4 GHz), or 0 on other CPUs: there the intrinsic reads
+    a performance counter that Linux and macOS keep from user code (AArch64's
+    PMCCNTR_EL0 traps)."""
     def codegen(context, builder, sig, args):
+        if not _is_x86(builder):
+            return ir.Constant(ir.IntType(64), 0)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
                                             "llvm.readcyclecounter")
         return builder.call(fn, [])
@@ -128,7 +132,7 @@ CTL_SIZE = 32
 CLOSED = 1 << 40            # added to ARRIVED when a chunk gave up waiting
 # check_in gives up after CHECK_IN_CYCLES of the cycle counter (0.05-0.2 s at 1-4 GHz)
 # and at least CHECK_IN_MIN_YIELDS yields, or after CHECK_IN_YIELDS yields whatever
-# the counter says (where it reads 0). Yields alone are no measure of time: on an
+# the counter says (where it reads 0: CPUs other than x86). Yields alone are no measure of time: on an
 # idle core 100,000 take 0.05-0.1 s, but with other threads ready to run each may
 # hand over the CPU for a whole time slice (minutes in all).
 CHECK_IN_CYCLES = 200_000_000
