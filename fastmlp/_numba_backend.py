@@ -273,7 +273,9 @@ class Engine:
                    self.loss_parts, self.correct_parts, fns)
         # train_epoch builds update_share's arguments from fb_args and these, in this
         # order (each array passed once: unboxing each costs its compile time).
-        ofn = epoch.optimizer_kernel(self.scalars)
+        # Plain SGD without L2 updates by update_share's own short path: no
+        # optimizer_row (ofn None), and none of the other optimisers' code compiled.
+        ofn = None if opt == epoch.SGD and hyper[4] == 0 else epoch.optimizer_kernel(self.scalars)
         up_extra = (self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
         up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, np.int64(opt),
                    self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)

@@ -379,7 +379,10 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
     in the parameters' dtype; optimizer_row says how they are used. ofn is
     optimizer_row's (address, signature key) for 1-D arrays and scalars of that dtype
     (optimizer_kernel): called through it, its loops are not compiled again inside
-    this function (0.4 s of a cold start each of its two call sites).
+    this function (0.4 s of a cold start each of its two call sites). ofn is None
+    for plain SGD without L2 (the caller knows): numba then drops every other
+    optimiser's branches (each `if ofn is None`) before compiling, and compiles
+    neither them nor optimizer_row for a process that only trains with plain SGD.
 
     Plain SGD without L2 takes the short path W -= (lr / B) * sum, and with a
     sparse input skips rows of W_1 no chunk touched (their gradient is zero);
@@ -393,7 +396,6 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
                                                  scalars[8])
     n_chunks = sq_parts.shape[0]
     L = len(Ws)
-    plain = opt == SGD and decay == 0
     zero = decay - decay  # biases have no L2 term; a literal 0 would be int64
     lr_b = lr * inv_n
     total_rows = 0
@@ -411,7 +413,7 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
         k0 = max(lo, base) - base
         k1 = min(hi, base + n_in + 1) - base
         kw1 = min(k1, n_in)
-        if l == 0 and sparse and plain and n_chunks <= 2:
+        if ofn is None and l == 0 and sparse and n_chunks <= 2:
             # The general loop below for the commonest case, the same sums: with
             # the chunks' gradients as views made once, each row's loop vectorises
             # (the general one took about twice as long: seed002's W_1, one chunk,
@@ -433,11 +435,13 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
             kw1 = k0        # done: the general loop below has no rows left
         size = n_in * n_out
         Wf = W.reshape(size)
-        if decay > 0 and kw1 > k0:
-            # One call for the share's rows (one a row cost an Adam+L2 estimator
-            # epoch about 5%).
-            sq += sum_squares(Wf[k0 * n_out:kw1 * n_out])
-        two = not plain and n_chunks == 2
+        two = False
+        if ofn is not None:
+            if decay > 0 and kw1 > k0:
+                # One call for the share's rows (one a row cost an Adam+L2 estimator
+                # epoch about 5%).
+                sq += sum_squares(Wf[k0 * n_out:kw1 * n_out])
+            two = n_chunks == 2
         if two and l == 0 and sparse:
             # The optimiser adds the two chunks' gradients as it reads them (a pass
             # over dW[0] less; paired estimator epochs, 2 threads: SGD+L2 0.976 and
@@ -462,7 +466,7 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
                 G = dW[0].reshape(size)
                 for c in range(1, n_chunks):
                     add_into(G[a:z], dW[c].reshape(size)[a:z])
-                if plain:
+                if ofn is None:
                     for j in range(a, z):
                         Wf[j] -= lr_b * G[j]
                 k = e
@@ -476,7 +480,7 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
                     else:
                         for j in range(n_out):
                             dW[first, k, j] += dW[c, k, j]
-            if plain:
+            if ofn is None:
                 if first >= 0:
                     for j in range(n_out):
                         W[k, j] -= lr_b * dW[first, k, j]
@@ -485,7 +489,7 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
                 for j in range(n_out):
                     dW[0, k, j] = dW[first, k, j] if first > 0 else zero
             k += 1
-        if not plain and kw1 > k0:
+        if ofn is not None and kw1 > k0:
             # The share's rows are contiguous: one long loop vectorises better than
             # one call per row of n_out. Moments an optimiser does not use are
             # never read or written.
@@ -501,7 +505,7 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
             for c in range(1, n_chunks):
                 for j in range(n_out):
                     db[0, j] += db[c, j]
-            if plain:
+            if ofn is None:
                 for j in range(n_out):
                     b[j] -= lr_b * db[0, j]
             else:
