@@ -130,6 +130,38 @@ def test_compiled_epochs_equal_reference_float64(name, kw, inputs, threads):
     np.testing.assert_allclose(h_got["loss"], h_ref["loss"], rtol=1e-12)
 
 
+@pytest.mark.parametrize("inputs", ["sparse-input", "split-input", "dense-input"])
+@pytest.mark.parametrize("name,kw", [("adam", {"alpha": 0.2}),
+                                     ("momentum", {"nesterov": True, "alpha": 0.1}),
+                                     ("sgd", {"alpha": 0.3})])
+def test_compiled_epochs_on_three_chunks_equal_reference_float64(name, kw, inputs):
+    """update_share's general path (more than two chunks: gradients summed into
+    dW[0] first, then the optimiser), which machines with 3+ threads take: three
+    chunks' workspaces run by one thread (check_in's ALL, the same bits as three
+    threads)."""
+    rng = np.random.default_rng(11)
+    if inputs == "split-input":
+        X, y = split_data(rng, 103)
+    else:
+        X, y = data(rng, 103, 17, inputs == "sparse-input")
+    runs = []
+    for backend in ("numpy", "numba"):
+        m = fastmlp.MLP([X.shape[1], 8, 5, 3], ["tanh", "relu", "softmax"], dtype="float64",
+                        seed=1)
+        t = fastmlp.Trainer(m, "cross_entropy", lr=0.05, batch_size=10, seed=2, backend=backend,
+                            threads=1, optimizer=name, **kw)
+        if backend == "numba":
+            engine = t._get_engine()
+            allocate = engine._allocate
+            engine._allocate = lambda T: allocate(3)
+        runs.append((m, t.fit(X, y, epochs=2)))
+    assert engine.called.shape == (2, 3)
+    (ref, h_ref), (got, h_got) = runs
+    for a, b in zip(ref.weights + ref.biases, got.weights + got.biases):
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(h_got["loss"], h_ref["loss"], rtol=1e-12)
+
+
 @pytest.mark.parametrize("name,kw", [c for c in CASES if c[1]])
 def test_compiled_float32_close_to_reference_and_deterministic(name, kw):
     rng = np.random.default_rng(8)
