@@ -101,13 +101,10 @@ def split_data(rng, n):
     return X, rng.integers(0, 3, n)
 
 
-@pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("inputs", ["sparse-input", "dense-input", "split-input"])
-@pytest.mark.parametrize("name,kw", CASES)
-def test_compiled_epochs_equal_reference_float64(name, kw, inputs, threads):
-    """Three epochs of the compiled loop (fused optimiser update, the sparse first
-    layer's touched rows, L2 in the loss) against fastmlp.reference with the same
-    shuffles, partial last batch included."""
+def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None):
+    """The compiled loop against fastmlp.reference, float64, the same shuffles,
+    partial last batch included; chunks: workspaces for that many chunks (run by
+    the threads there are). Returns the numba engine."""
     rng = np.random.default_rng(7)
     if inputs == "split-input":
         X, y = split_data(rng, 103)
@@ -119,15 +116,28 @@ def test_compiled_epochs_equal_reference_float64(name, kw, inputs, threads):
                         seed=1)
         t = fastmlp.Trainer(m, "cross_entropy", lr=0.05, batch_size=10, seed=2, backend=backend,
                             threads=threads, optimizer=name, **kw)
-        runs.append((m, t.fit(X, y, epochs=3)))
         if backend == "numba":
             engine = t._get_engine()
-            assert engine.sparse == (inputs != "dense-input")
-            assert engine.n_dense == (20 if inputs == "split-input" else 0)
+            if chunks is not None:
+                allocate = engine._allocate
+                engine._allocate = lambda T: allocate(chunks)
+        runs.append((m, t.fit(X, y, epochs=epochs)))
     (ref, h_ref), (got, h_got) = runs
     for a, b in zip(ref.weights + ref.biases, got.weights + got.biases):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(h_got["loss"], h_ref["loss"], rtol=1e-12)
+    assert engine.sparse == (inputs != "dense-input")
+    assert engine.n_dense == (20 if inputs == "split-input" else 0)
+    return engine
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("inputs", ["sparse-input", "dense-input", "split-input"])
+@pytest.mark.parametrize("name,kw", CASES)
+def test_compiled_epochs_equal_reference_float64(name, kw, inputs, threads):
+    """Three epochs of the compiled loop (fused optimiser update, the sparse first
+    layer's touched rows, L2 in the loss) against fastmlp.reference."""
+    _epochs_against_reference(name, kw, inputs, threads, 3)
 
 
 @pytest.mark.parametrize("inputs", ["sparse-input", "split-input", "dense-input"])
@@ -139,27 +149,8 @@ def test_compiled_epochs_on_three_chunks_equal_reference_float64(name, kw, input
     dW[0] first, then the optimiser), which machines with 3+ threads take: three
     chunks' workspaces run by one thread (check_in's ALL, the same bits as three
     threads)."""
-    rng = np.random.default_rng(11)
-    if inputs == "split-input":
-        X, y = split_data(rng, 103)
-    else:
-        X, y = data(rng, 103, 17, inputs == "sparse-input")
-    runs = []
-    for backend in ("numpy", "numba"):
-        m = fastmlp.MLP([X.shape[1], 8, 5, 3], ["tanh", "relu", "softmax"], dtype="float64",
-                        seed=1)
-        t = fastmlp.Trainer(m, "cross_entropy", lr=0.05, batch_size=10, seed=2, backend=backend,
-                            threads=1, optimizer=name, **kw)
-        if backend == "numba":
-            engine = t._get_engine()
-            allocate = engine._allocate
-            engine._allocate = lambda T: allocate(3)
-        runs.append((m, t.fit(X, y, epochs=2)))
+    engine = _epochs_against_reference(name, kw, inputs, 1, 2, chunks=3)
     assert engine.called.shape == (2, 3)
-    (ref, h_ref), (got, h_got) = runs
-    for a, b in zip(ref.weights + ref.biases, got.weights + got.biases):
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13)
-    np.testing.assert_allclose(h_got["loss"], h_ref["loss"], rtol=1e-12)
 
 
 @pytest.mark.parametrize("name,kw", [c for c in CASES if c[1]])
