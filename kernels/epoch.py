@@ -42,7 +42,7 @@ the type of the CSC workspaces (None for the scatter), so that only that one is
 compiled.
 
 A sparse input's columns that are nonzero in many rows (MNIST's middle pixels:
-233 of 784 nonzero in at least 30% of images, 81% of all nonzeros) are better
+about 230 of 784 nonzero in at least 30% of images, 81% of all nonzeros) are better
 multiplied densely: the caller (fastmlp/_numba_backend.py) splits them off into a
 dense array X of n_dense columns, with W_1's rows (and its moments) reordered for
 the run so that theirs come first; each chunk gathers its rows of X into A0 and
@@ -50,10 +50,11 @@ multiplies them by W_1[:n_dense] with the dense products (register tiles: each
 row of W_1 read feeds six batch rows, where the CSR kernels read a row of W_1 from
 L2 for every nonzero), and only the other nonzeros go through the CSR. The zeros
 the dense columns hold cost arithmetic but add nothing. Whole epochs on 2
-threads, paired with the CSR alone (median ratios of 8 pairs): seed000 0.81,
-seed002 0.91, wide 0.93, the scikit-learn-default network 0.92 (Adam) and 0.96
-(SGD); 30% against 40%, 50% and 20% as the threshold: 2-7% faster for seed000
-and the estimator's network, no different for seed002.
+threads, paired with the CSR alone (median ratios, 10 pairs in each order):
+seed000 0.88 and 0.96, seed002 0.93 and 0.99, wide 0.87 and 0.87, the
+scikit-learn-default network 0.87 and 0.94 (Adam), 0.87 and 0.82 (SGD); 30%
+against 40%, 50% and 20% as the threshold: 2-7% faster for seed000 and the
+estimator's network, no different for seed002.
 
 The per-chunk kernels run with subnormal floats flushed to zero (kernels/fpenv.py):
 decaying optimiser moments otherwise reach the slow subnormal path.
