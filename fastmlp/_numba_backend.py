@@ -51,7 +51,6 @@ _NO_INDICES = np.zeros(0, dtype=np.int32)
 def to_csr(X):
     """CSR arrays (indptr int64, indices int32, values) of a dense 2-D array: two
     compiled passes over the rows (count, fill), 5-10x faster than np.nonzero."""
-    X = np.ascontiguousarray(X)
     return split_csr(X, np.arange(X.shape[1], dtype=np.int64), 0)[1:]
 
 
@@ -275,7 +274,8 @@ class Engine:
         # order (each array passed once: unboxing each costs its compile time).
         # Plain SGD without L2 updates by update_share's own short path: no
         # optimizer_row (ofn None), and none of the other optimisers' code compiled.
-        ofn = None if opt == epoch.SGD and hyper[4] == 0 else epoch.optimizer_kernel(self.scalars)
+        plain = opt == epoch.SGD and self.optimizer.alpha == 0
+        ofn = None if plain else epoch.optimizer_kernel(self.scalars)
         up_extra = (self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
         up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, np.int64(opt),
                    self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)

@@ -130,11 +130,12 @@ def cycle_count(typingctx):
 COUNT, GEN, ARRIVED, STOP = 0, 8, 16, 24
 CTL_SIZE = 32
 CLOSED = 1 << 40            # added to ARRIVED when a chunk gave up waiting
-# check_in gives up after CHECK_IN_CYCLES of the cycle counter (0.05-0.2 s at 1-4 GHz)
-# and at least CHECK_IN_MIN_YIELDS yields, or after CHECK_IN_YIELDS yields whatever
-# the counter says (where it reads 0: CPUs other than x86). Yields alone are no measure of time: on an
-# idle core 100,000 take 0.05-0.1 s, but with other threads ready to run each may
-# hand over the CPU for a whole time slice (minutes in all).
+# check_in gives up after CHECK_IN_CYCLES of the cycle counter (0.05-0.2 s at 1-4
+# GHz) and at least CHECK_IN_MIN_YIELDS yields, or after CHECK_IN_YIELDS yields
+# whatever the counter says (it reads 0 on CPUs other than x86). Yields alone are
+# no measure of time: on an idle core 100,000 take 0.05-0.1 s, but with other
+# threads ready to run each may hand over the CPU for a whole time slice (minutes
+# in all).
 CHECK_IN_CYCLES = 200_000_000
 CHECK_IN_MIN_YIELDS = 10
 CHECK_IN_YIELDS = 100_000
@@ -149,8 +150,7 @@ def check_in(ctl, n):
     PARALLEL: all n are running at once, each on its own thread, and may use
     barrier. ALL: they were not (a chunk waited for the others as long as
     CHECK_IN_CYCLES and the yields above say); this chunk runs every chunk's work,
-    alone. ALONE: another chunk took
-    the work (ALL); this one does nothing. Exactly one of the n gets ALL, or all
+    alone. ALONE: another chunk took the work (ALL); this one does nothing. Exactly one of the n gets ALL, or all
     get PARALLEL: a chunk gives up only by a compare-and-swap of the arrival count
     it saw (below n) to that count plus CLOSED, after which no count equals n."""
     if atomic_add(ctl, ARRIVED, 1) >= CLOSED:
