@@ -57,20 +57,22 @@ def to_csr(X):
 def split_csr(X, perm, n_dense):
     """(dense, indptr, indices, values): X's columns in the order perm, the first
     n_dense of them as a dense C-contiguous array (n, n_dense), the rest as CSR
-    arrays whose column indices are positions in perm. Two compiled passes over
-    the rows (count, fill)."""
+    arrays whose column indices are positions in perm, in X's column order within
+    a row (ascending where perm lists those columns ascending, as dense_columns
+    does). Two compiled passes over the rows (count, fill)."""
     X = np.ascontiguousarray(X)
-    perm = np.ascontiguousarray(perm, dtype=np.int64)
+    where = np.empty(X.shape[1], dtype=np.int64)
+    where[np.asarray(perm, dtype=np.int64)] = np.arange(X.shape[1])
     n_dense = int(n_dense)
     counts = np.empty(X.shape[0], dtype=np.int64)
-    dense.csr_rows(X, perm, n_dense, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
+    dense.csr_rows(X, where, n_dense, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
                    np.zeros((0, 0), dtype=X.dtype), False)
     indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(indptr[-1], dtype=np.int32)
     values = np.empty(indptr[-1], dtype=X.dtype)
     Xd = np.empty((X.shape[0], n_dense), dtype=X.dtype)
-    dense.csr_rows(X, perm, n_dense, counts, indptr, indices, values, Xd, True)
+    dense.csr_rows(X, where, n_dense, counts, indptr, indices, values, Xd, True)
     return Xd, indptr, indices, values
 
 

@@ -291,7 +291,10 @@ def test_to_csr_equals_scipy(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_csr_equals_numpy(dtype):
     """The columns in perm's order, the first n_dense dense, the rest a CSR whose
-    indices are positions in perm: against fancy indexing and SciPy's CSR."""
+    indices are positions in perm: against fancy indexing and SciPy's CSR. A row's
+    indices come in X's column order, which is ascending where perm lists the CSR's
+    columns in ascending order (as dense_columns does): then the arrays equal
+    SciPy's; otherwise the matrix does."""
     import scipy.sparse
     from fastmlp._numba_backend import split_csr
     rng = np.random.default_rng(17)
@@ -299,19 +302,25 @@ def test_split_csr_equals_numpy(dtype):
         X = rng.normal(size=shape).astype(dtype)
         X[rng.random(shape) < 0.7] = 0
         X[0] = 0                                   # an empty row
-        perm = rng.permutation(shape[1])
         for n_dense in sorted({0, 1, shape[1] // 2, shape[1]}):
-            Xd, indptr, indices, values = split_csr(X, perm, n_dense)
-            Xp = X[:, perm]
-            assert Xd.shape == (shape[0], n_dense) and Xd.flags.c_contiguous
-            np.testing.assert_array_equal(Xd, Xp[:, :n_dense])
-            rest = Xp.copy()
-            rest[:, :n_dense] = 0
-            ref = scipy.sparse.csr_matrix(rest)
-            np.testing.assert_array_equal(indptr, ref.indptr)
-            np.testing.assert_array_equal(indices, ref.indices)
-            np.testing.assert_array_equal(values, ref.data)
-            assert values.dtype == dtype and indices.dtype == np.int32
+            shuffled = rng.permutation(shape[1])
+            tail_sorted = np.concatenate([shuffled[:n_dense], np.sort(shuffled[n_dense:])])
+            for perm in (shuffled, tail_sorted):
+                Xd, indptr, indices, values = split_csr(X, perm, n_dense)
+                Xp = X[:, perm]
+                assert Xd.shape == (shape[0], n_dense) and Xd.flags.c_contiguous
+                np.testing.assert_array_equal(Xd, Xp[:, :n_dense])
+                rest = Xp.copy()
+                rest[:, :n_dense] = 0
+                ref = scipy.sparse.csr_matrix(rest)
+                np.testing.assert_array_equal(indptr, ref.indptr)
+                ours = scipy.sparse.csr_matrix((values, indices, indptr), shape=shape)
+                np.testing.assert_array_equal(ours.toarray(), rest)
+                assert (values != 0).all()
+                if perm is tail_sorted:
+                    np.testing.assert_array_equal(indices, ref.indices)
+                    np.testing.assert_array_equal(values, ref.data)
+                assert values.dtype == dtype and indices.dtype == np.int32
 
 
 def test_dense_columns_are_those_nonzero_often_enough():
