@@ -67,3 +67,20 @@ def test_step(benchmark, mnist, gemm, versions, name, backend, threads):
         benchmark.pedantic(engine.train_batches, args=(order, bs, 1, 2, tr.lr), rounds=50,
                            iterations=1, warmup_rounds=2)
     record(benchmark, name, backend, threads, bs, gemm, versions)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_prepare(benchmark, mnist, versions, threads):
+    """Engine.prepare on MNIST's training set (seed000's network): the sparse-or-dense
+    decision from sampled rows and the split into dense columns and a CSR, which
+    every fit pays once before its first epoch."""
+    X, y = mnist[0], mnist[1]
+    tr, engine, Xc, Yc = make_engine("seed000", "numba", threads, X, y)
+    with engine.threads_context():
+        engine.prepare(Xc, Yc)                                  # compile / warm up
+        benchmark.group = "prepare (MNIST, the split)"
+        benchmark.pedantic(engine.prepare, args=(Xc, Yc), rounds=5, iterations=1)
+    benchmark.extra_info.update(threads=threads or "all", samples=len(Xc), sparse=engine.sparse,
+                                dense_columns=engine.n_dense, versions=versions)
+    if benchmark.stats:
+        benchmark.extra_info["samples_per_second"] = len(Xc) / benchmark.stats.stats.min
