@@ -8,7 +8,8 @@ The first two are one micro-kernel, gemm_tile: an mr x nv-vector tile of the out
 is held in mr * nv vector accumulators while the loop runs over the inner
 dimension, each step loading nv vectors of a row of the right operand and
 broadcasting mr numbers of the left one, which is read through strides (so X W
-and X^T D are the same code). gemm_nt sums along W's rows: dot_tile holds mr x 4
+and X^T D are the same code). With AVX-512 a row's last columns may take a
+narrower vector beside a full one (NARROW_TAILS). gemm_nt sums along W's rows: dot_tile holds mr x 4
 accumulators, then halves each to one number in a fixed order.
 
 Vectors are 64 bytes where the CPU has AVX-512 (32 registers: 6 x 4 tiles) and 32
@@ -67,8 +68,8 @@ class _Vectors(simd._Vectors):
     """simd's vector helpers at this CPU's width (VECTOR_BYTES), with loads and
     stores at any offset and a horizontal sum."""
 
-    def __init__(self, context, builder, dtype):
-        super().__init__(context, builder, dtype, VECTOR_BYTES)
+    def __init__(self, context, builder, dtype, vector_bytes=VECTOR_BYTES):
+        super().__init__(context, builder, dtype, vector_bytes)
 
     def c(self, n):
         return ir.Constant(self.intp, n)
@@ -149,12 +150,13 @@ def _if_row(builder, vec, i, mr):
     return builder.if_then(builder.icmp_signed("<", vec.c(i), mr))
 
 
-def _gemm_tile_intrinsic(nv, max_rows):
+def _gemm_tile_intrinsic(nv, max_rows, last_bytes=VECTOR_BYTES):
     @intrinsic
     def gemm_tile(typingctx, C, A, B, mr, i0, j0, jl, a0, ais, aks, b0, K):
         """C[i0+i, cols] = sum over k < K of A.flat[a0 + i*ais + k*aks] * B[b0+k, cols]
         for i < mr (1..max_rows), cols nv vectors from j0, the last starting at jl
-        (it may overlap the one before: those columns get the same bits)."""
+        (it may overlap the one before: those columns get the same bits) and
+        last_bytes wide."""
         _check("gemm_tile", C, A, B)
         sig = types.none(C, A, B, mr, i0, j0, jl, a0, ais, aks, b0, K)
 
@@ -164,32 +166,44 @@ def _gemm_tile_intrinsic(nv, max_rows):
             mr_, i0_, j0_, jl_, a0_, ais_, aks_, b0_, K_ = (
                 context.cast(builder, args[n], signature.args[n], types.intp)
                 for n in range(3, 12))
-            vec = _Vectors(context, builder, signature.args[0].dtype)
+            dtype = signature.args[0].dtype
+            vec = _Vectors(context, builder, dtype)
+            vecs = [vec] * (nv - 1) + [_Vectors(context, builder, dtype, last_bytes)]
             ldc = _row_stride(builder, vec, c_)
             ldb = _row_stride(builder, vec, b_)
             b = builder
             cols = [b.add(j0_, vec.c(v * vec.lanes)) for v in range(nv - 1)] + [jl_]
+            i32 = ir.IntType(32)
+
+            def lanes(x, w):
+                # The first w.lanes of the full-width splat: a narrower register's
+                # view of the same broadcast, not a second one.
+                if w.lanes == vec.lanes:
+                    return x
+                return b.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, w.lanes),
+                                                          list(range(w.lanes))))
 
             def emit(rows):
-                accs = [[cgutils.alloca_once_value(b, vec.zero) for _ in range(nv)]
+                accs = [[cgutils.alloca_once_value(b, w.zero) for w in vecs]
                         for _ in range(rows)]
                 arow = [b.add(a0_, b.mul(_clamped_row(b, vec, i, mr_), ais_))
                         for i in range(rows)]
                 with cgutils.for_range(b, K_) as loop:
                     k = loop.index
                     brow = b.mul(b.add(b0_, k), ldb)
-                    bv = [vec.load(b_.data, b.add(brow, cols[v])) for v in range(nv)]
+                    bv = [w.load(b_.data, b.add(brow, cols[v])) for v, w in enumerate(vecs)]
                     koff = b.mul(k, aks_)
                     for i in range(rows):
                         x = vec.splat(b.load(b.gep(a_.data, [b.add(arow[i], koff)])))
-                        for v in range(nv):
-                            b.store(b.call(vec.fma, [x, bv[v], b.load(accs[i][v])]), accs[i][v])
+                        for v, w in enumerate(vecs):
+                            b.store(b.call(w.fma, [lanes(x, w), bv[v], b.load(accs[i][v])]),
+                                    accs[i][v])
                 for i in range(rows):
                     with _if_row(b, vec, i, mr_):
                         crow = b.mul(b.add(i0_, vec.c(i)), ldc)
-                        for v in range(nv):
-                            vec.store(b.load(accs[i][v]), c_.data, b.add(crow, cols[v]))
-            _switch_rows(b, vec, mr_, _row_variants(max_rows), f"gemm{nv}", emit)
+                        for v, w in enumerate(vecs):
+                            w.store(b.load(accs[i][v]), c_.data, b.add(crow, cols[v]))
+            _switch_rows(b, vec, mr_, _row_variants(max_rows), f"gemm{nv}.{last_bytes}", emit)
             return context.get_dummy_value()
         return sig, codegen
     return gemm_tile
@@ -197,6 +211,17 @@ def _gemm_tile_intrinsic(nv, max_rows):
 
 gemm_wide = _gemm_tile_intrinsic(WIDE_VECTORS, WIDE_ROWS)
 gemm_tile1 = _gemm_tile_intrinsic(1, TILE1_ROWS)
+# With AVX-512, a row's last columns, when they fit in a vector and a quarter (or a
+# half) of one, are one tile of a full vector and a 16-byte (32-byte) one beside it,
+# which shares its broadcasts: 100 float32 columns are 6 vectors and a quarter, not
+# 7. Zen 4 runs a 64-byte multiply-add as two 32-byte halves, so the narrow one costs
+# less. A 100x228 by 228x100 product (the estimator's first layer, its dense
+# columns, one thread, best of 5): X W 42.7-43.0 against 44.0 us, X^T D 43.1-43.5
+# against 44.4. A quarter-width one-vector tile on its own saved nothing (its eight
+# broadcasts a step bound it, not its multiply-adds), nor did a 4 x 7-vector tile
+# (70-82 us: too few registers).
+NARROW_TAILS = HAS_AVX512
+gemm_pair_quarter = _gemm_tile_intrinsic(2, TILE1_ROWS, VECTOR_BYTES // 4)
 
 
 def _dot_tile_intrinsic(nc):
@@ -273,7 +298,7 @@ def gemm_panels(C, A, B, i_lo, i_hi, a_base, ais, aks, b0, K):
     """C[i, cols] = sum over k < K of A.flat[a_base + i*ais + k*aks] * B[b0+k, cols]
     for rows i_lo..i_hi-1 of C and all its columns (B at least one vector wide):
     wide tiles across the columns, then one-vector tiles, the last ending on the
-    last column."""
+    last column (a narrower vector where NARROW_TAILS and that is enough)."""
     N = B.shape[1]
     L = lanes_of(B)
     j0 = 0
@@ -283,6 +308,14 @@ def gemm_panels(C, A, B, i_lo, i_hi, a_base, ais, aks, b0, K):
                       a_base + i0 * ais, ais, aks, b0, K)
         j0 += WIDE_VECTORS * L
     while j0 < N:
+        left = N - j0
+        if NARROW_TAILS and L < left <= L + L // 4:
+            # The last two vectors' columns as one full vector and a quarter-width
+            # one ending on the last column, one tile.
+            for i0 in range(i_lo, i_hi, TILE1_ROWS):
+                gemm_pair_quarter(C, A, B, min(TILE1_ROWS, i_hi - i0), i0, j0, N - L // 4,
+                                  a_base + i0 * ais, ais, aks, b0, K)
+            break
         j = min(j0, N - L)
         for i0 in range(i_lo, i_hi, TILE1_ROWS):
             gemm_tile1(C, A, B, min(TILE1_ROWS, i_hi - i0), i0, j, j, a_base + i0 * ais, ais,
