@@ -88,17 +88,33 @@ MIN_DENSE_COLUMNS = 16
 DENSITY_SAMPLE_ROWS = 4096
 
 
+def sample_step(X):
+    """k = max(1, len(X) // DENSITY_SAMPLE_ROWS): every k-th row is sampled, the same
+    rows every time."""
+    return max(1, X.shape[0] // DENSITY_SAMPLE_ROWS)
+
+
 def sampled_rows(X):
-    """Every k-th row of X, k = max(1, len(X) // DENSITY_SAMPLE_ROWS): the same rows
-    every time."""
-    return X[::max(1, X.shape[0] // DENSITY_SAMPLE_ROWS)]
+    """Every sample_step(X)-th row of X."""
+    return X[::sample_step(X)]
 
 
-def dense_columns(X, density=DENSE_COLUMN_DENSITY):
-    """perm, n_dense: X's columns nonzero in at least `density` of its rows,
-    ascending, then the other columns, ascending; n_dense is how many of the first
-    kind there are."""
-    dense_col = np.count_nonzero(X, axis=0) >= density * X.shape[0]
+def sampled_column_counts(X):
+    """(counts, rows): how many of X's sampled rows are nonzero in each column, and
+    how many rows were sampled. One compiled pass over the rows in place: NumPy's
+    count_nonzero over the strided sample took 6 ms of MNIST's prepare, and the
+    per-column count 3.5 ms more."""
+    counts = np.zeros(X.shape[1], dtype=np.int64)
+    step = sample_step(X)
+    dense.column_nonzeros(X, step, counts)
+    return counts, -(-X.shape[0] // step)
+
+
+def dense_columns(counts, rows, density=DENSE_COLUMN_DENSITY):
+    """perm, n_dense from the nonzeros per column of `rows` rows: the columns
+    nonzero in at least `density` of them, ascending, then the other columns,
+    ascending; n_dense is how many of the first kind there are."""
+    dense_col = counts >= density * rows
     perm = np.concatenate([np.flatnonzero(dense_col), np.flatnonzero(~dense_col)])
     return perm.astype(np.int64), int(dense_col.sum())
 
@@ -143,12 +159,12 @@ class Engine:
         # Both choices (CSR or not, which columns are dense) are made from evenly
         # spaced rows: counting the nonzeros of every row took 45 ms of 150 for
         # MNIST (np.count_nonzero over all of it 0.1 s).
-        sample = sampled_rows(X)
-        self.sparse = bool(np.count_nonzero(sample) < SPARSE_DENSITY * sample.size)
+        counts, rows = sampled_column_counts(X)
+        self.sparse = bool(counts.sum() < SPARSE_DENSITY * rows * X.shape[1])
         # W_1's rows in the order of the split input's columns (None: as they are).
         self.perm = None
         if self.sparse:
-            perm, n_dense = dense_columns(sample) if splits_columns(m) else (None, 0)
+            perm, n_dense = dense_columns(counts, rows) if splits_columns(m) else (None, 0)
             if n_dense >= MIN_DENSE_COLUMNS:
                 self.perm = perm
                 self.X, self.indptr, self.indices, self.values = split_csr(X, perm, n_dense)

@@ -332,6 +332,15 @@ def sgd_update(W, b, dW, db, lr):
         b[j] -= lr * db[j]
 
 
+@njit(cache=True, error_model="numpy")
+def column_nonzeros(X, step, counts):
+    """counts[j] += the number of rows 0, step, 2*step, ... of X nonzero in column j
+    (NaN counts as nonzero, as in np.count_nonzero)."""
+    for i in range(0, X.shape[0], step):
+        for j in range(X.shape[1]):
+            counts[j] += X[i, j] != 0
+
+
 # Parallel only where a loop says prange: an array expression parallelised behind
 # our back would change bits with the thread count.
 PRANGE_ONLY = {"prange": True, "numpy": False, "reduction": False, "setitem": False,

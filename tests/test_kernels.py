@@ -324,11 +324,15 @@ def test_split_csr_equals_numpy(dtype):
 
 
 def test_dense_columns_are_those_nonzero_often_enough():
-    from fastmlp._numba_backend import DENSE_COLUMN_DENSITY, dense_columns, sampled_rows
+    from fastmlp._numba_backend import (DENSE_COLUMN_DENSITY, dense_columns,
+                                        sampled_column_counts, sampled_rows)
     rng = np.random.default_rng(3)
     X = rng.normal(size=(200, 50))
     X[rng.random(X.shape) < rng.random(50)] = 0   # each column its own density
-    perm, n_dense = dense_columns(X)
+    counts, rows = sampled_column_counts(X)
+    assert rows == 200
+    np.testing.assert_array_equal(counts, np.count_nonzero(X, axis=0))
+    perm, n_dense = dense_columns(counts, rows)
     often = (X != 0).mean(axis=0) >= DENSE_COLUMN_DENSITY
     assert 0 < n_dense < 50
     np.testing.assert_array_equal(perm[:n_dense], np.flatnonzero(often))
@@ -338,7 +342,21 @@ def test_dense_columns_are_those_nonzero_often_enough():
     sample = sampled_rows(big)
     assert 4096 <= len(sample) < 8192
     np.testing.assert_array_equal(sample, big[::len(big) // len(sample)][:len(sample)])
-    np.testing.assert_array_equal(dense_columns(sample)[0], perm)
+    counts, rows = sampled_column_counts(big)
+    assert rows == len(sample)
+    np.testing.assert_array_equal(dense_columns(counts, rows)[0], perm)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_nonzeros_equals_numpy(dtype):
+    rng = np.random.default_rng(4)
+    for n, m, step in [(1, 1, 1), (7, 3, 2), (100, 17, 3), (1000, 784, 7), (5, 9, 10)]:
+        X = rng.normal(size=(n, m)).astype(dtype)
+        X[rng.random(X.shape) < 0.6] = 0
+        X[rng.random(X.shape) < 0.05] = np.nan     # nonzero, as count_nonzero says
+        counts = np.full(m, 5, dtype=np.int64)
+        dense.column_nonzeros(X, step, counts)
+        np.testing.assert_array_equal(counts, 5 + np.count_nonzero(X[::step], axis=0))
 
 
 @functools.lru_cache(maxsize=None)
