@@ -21,7 +21,6 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier as _SklearnMLPClassifier
 from sklearn.preprocessing import LabelBinarizer
 from sklearn.utils import check_random_state
-from sklearn.utils import shuffle as _shuffle
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
@@ -37,6 +36,15 @@ from .trainer import BACKENDS, DEFAULT_BACKEND, _NumpyEngine, make_engine
 ACTIVATIONS = {"identity": "linear", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
 DTYPES = {None: None, "float32": np.float32, "float64": np.float64, np.float32: np.float32,
           np.float64: np.float64}
+
+
+def _shuffled(idx, random_state):
+    """sklearn.utils.shuffle(idx, random_state=random_state): the same draw from
+    random_state and the same order, without its argument checks and indexing
+    dispatch (MNIST's 60,000 rows, once an epoch: 0.7 ms against 0.85-1.0)."""
+    order = np.arange(idx.shape[0])
+    random_state.shuffle(order)
+    return idx[order]
 
 
 class MLPClassifier(ClassifierMixin, BaseEstimator):
@@ -274,7 +282,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             self.coefs_, self.intercepts_ = model.weights, model.biases
             for _ in range(self.max_iter):
                 if self.shuffle:
-                    sample_idx = _shuffle(sample_idx, random_state=self._random_state)
+                    sample_idx = _shuffled(sample_idx, self._random_state)
                 total, _, bad, done = engine.train_batches(sample_idx, batch_size, 0, n_batches,
                                                            self._learning_rate, interrupt.flag)
                 if bad >= 0:

@@ -89,6 +89,21 @@ def test_one_epoch_equals_scikit_learn_float64(solver, kind, backend):
     assert_same_fit(ref, got, rtol=1e-10, atol=1e-12)
 
 
+def test_epoch_shuffle_draws_as_scikit_learn():
+    """The epoch order fastmlp draws is sklearn.utils.shuffle's, from the same
+    random_state, epoch after epoch (each reorders the last order)."""
+    from sklearn.utils import shuffle
+
+    from fastmlp._sklearn import _shuffled
+    for n, seed in [(1, 0), (2, 1), (17, 2), (60000, 3)]:
+        ours, theirs = np.random.RandomState(seed), np.random.RandomState(seed)
+        a = b = np.arange(n, dtype=np.int64)
+        for _ in range(3):
+            a, b = _shuffled(a, ours), shuffle(b, random_state=theirs)
+            np.testing.assert_array_equal(a, b)
+        assert ours.randint(1 << 30) == theirs.randint(1 << 30)   # streams still in step
+
+
 @pytest.mark.parametrize("params", [
     dict(solver="adam", max_iter=30, n_iter_no_change=3, tol=1e-2),     # stops on the loss
     dict(solver="sgd", learning_rate="adaptive", max_iter=25, n_iter_no_change=2, tol=0.05),
