@@ -9,8 +9,9 @@ is held in mr * nv vector accumulators while the loop runs over the inner
 dimension, each step loading nv vectors of a row of the right operand and
 broadcasting mr numbers of the left one, which is read through strides (so X W
 and X^T D are the same code). With AVX-512 a row's last columns may take a
-narrower vector beside a full one (NARROW_TAILS). gemm_nt sums along W's rows: dot_tile holds mr x 4
-accumulators, then halves each to one number in a fixed order.
+narrower vector beside a full one (NARROW_TAILS). gemm_nt sums along W's rows:
+dot_tile holds mr x 4 accumulators, then halves each to one number in a fixed
+order.
 
 Vectors are 64 bytes where the CPU has AVX-512 (32 registers: 6 x 4 tiles) and 32
 bytes with AVX2 and FMA (16 registers: 6 x 2); HAS_TILES is false elsewhere and
@@ -211,15 +212,15 @@ def _gemm_tile_intrinsic(nv, max_rows, last_bytes=VECTOR_BYTES):
 
 gemm_wide = _gemm_tile_intrinsic(WIDE_VECTORS, WIDE_ROWS)
 gemm_tile1 = _gemm_tile_intrinsic(1, TILE1_ROWS)
-# With AVX-512, a row's last columns, when they fit in a vector and a quarter (or a
-# half) of one, are one tile of a full vector and a 16-byte (32-byte) one beside it,
-# which shares its broadcasts: 100 float32 columns are 6 vectors and a quarter, not
-# 7. Zen 4 runs a 64-byte multiply-add as two 32-byte halves, so the narrow one costs
-# less. A 100x228 by 228x100 product (the estimator's first layer, its dense
+# With AVX-512, a row's last columns, when they fit in a vector and a quarter of
+# one, are one tile of a full vector and a 16-byte one beside it, which shares its
+# broadcasts: 100 float32 columns are 6 vectors and a quarter, not 7. Zen 4 runs a
+# 64-byte multiply-add as two 32-byte halves, so the narrow one costs less. A 100x228 by 228x100 product (the estimator's first layer, its dense
 # columns, one thread, best of 5): X W 42.7-43.0 against 44.0 us, X^T D 43.1-43.5
 # against 44.4. A quarter-width one-vector tile on its own saved nothing (its eight
 # broadcasts a step bound it, not its multiply-adds), nor did a 4 x 7-vector tile
-# (70-82 us: too few registers).
+# (70-82 us: too few registers). A half-width pair as well (a vector and a half)
+# cost cold starts 1.4 s (seed000, 14.1-14.3 against 12.8 s), the quarter alone 0.5.
 NARROW_TAILS = HAS_AVX512
 gemm_pair_quarter = _gemm_tile_intrinsic(2, TILE1_ROWS, VECTOR_BYTES // 4)
 

@@ -16,8 +16,8 @@ ROWS = [1, 3, 7, 17, 64]
 INNER = [1, 3, 17, 785]
 # Output widths around one vector (4 or 8 float64, 8 or 16 float32), two and four
 # vectors, and MNIST's 10 classes: the last vector overlaps the one before. With
-# AVX-512, 9, 10, 17, 33 and 100 end in a full vector and a quarter-width one, 11
-# (float64) and 23 (float32) in a full and a half-width one (gemm.NARROW_TAILS).
+# AVX-512, 17, 33 and 100 (float32) and 9, 10 and 17 (float64) end in a full vector
+# and a quarter-width one (gemm.NARROW_TAILS); 11 and 23 just past that.
 WIDTHS = [8, 9, 10, 11, 16, 17, 23, 31, 33, 64, 65, 100]
 
 tiles = pytest.mark.skipif(not gemm.HAS_TILES, reason="the CPU has no AVX2/FMA or AVX-512")
