@@ -202,9 +202,10 @@ class Engine:
         self.dbs = tuple(np.zeros((T, b), dtype=dt) for b in sizes[1:])
         # Which rows of W_1 each chunk's sparse weight gradient wrote.
         self.touched = np.zeros((T, n_in), dtype=np.bool_)
-        # Each chunk's rows sorted by pixel (a CSC) for that weight gradient, where it
-        # sums from one (epoch.weight_grad_csc): the widths sparse_grad_uses_csc names.
-        # None otherwise, which compiles the epoch without the CSC.
+        # Each chunk's rows sorted by pixel for that weight gradient (a count and a
+        # run of rows-per-chunk slots for each pixel), where it sums from one
+        # (epoch.weight_grad_csc): the widths sparse_grad_uses_csc names. None
+        # otherwise, which compiles the epoch without the CSC.
         if self.sparse and epoch.sparse_grad_uses_csc(sizes[1]):
             rows = -(-B // T)
             self.cptr = np.zeros((T, n_in + 1), dtype=np.int64)

@@ -132,48 +132,46 @@ def weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touche
 def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, cptr, crow,
                     cval):
     """weight_grad_scatter's gradient (the same bits) by first sorting the chunk's
-    rows by pixel (a counting sort into the workspaces cptr (n_in + 1), crow and
-    cval (at least (r1 - r0) * n_in), a CSC of the chunk), so that each dW[k] is
-    summed in vector registers from the rows of D, which stay in L1, and written
-    once. For wide layers this
-    beats reading and writing dW's row for every nonzero (the scatter): one MNIST
-    epoch of first-layer forward products and weight gradients, one thread, batch
-    chunks of 100, on an Intel Xeon (2 MiB L2): 0.142 against 0.171 s (100 units).
+    rows by pixel, so that each dW[k] is summed in vector registers from the rows
+    of D, which stay in L1, and written once. Column k's entries go to slots
+    k * R .. k * R + cptr[k] - 1 of crow and cval (R = r1 - r0 rows: a column has
+    at most one entry a row), in row order; cptr (at least n_in) counts them and
+    crow and cval hold at least R * n_in. For wide layers this beats reading and
+    writing dW's row for every nonzero (the scatter): one MNIST epoch of
+    first-layer forward products and weight gradients, one thread, batch chunks of
+    100, on an Intel Xeon (2 MiB L2): 0.142 against 0.171 s (100 units).
+
+    Fixed slots per column, rather than a counting sort's packed runs, need no
+    counting pass and no prefix sum: 100 MNIST rows (3,050 nonzeros) after their
+    forward product, 100 units, one thread, Zen 4: 21.7-22.6 against 25.4-26.0 us.
     """
     n_in = dW.shape[0]
-    for k in range(n_in + 1):
+    R = r1 - r0
+    for k in range(n_in):
         cptr[k] = 0
     for r in range(r0, r1):
         src = rows[r]
         for p in range(indptr[src], indptr[src + 1]):
-            cptr[indices[p] + 1] += 1
-    for k in range(n_in):
-        cptr[k + 1] += cptr[k]
-    # cptr[k] is where column k starts; filling moves it to where column k ends.
-    for r in range(r0, r1):
-        src = rows[r]
-        for p in range(indptr[src], indptr[src + 1]):
             k = indices[p]
-            q = cptr[k]
+            q = k * R + cptr[k]
             crow[q] = r
             cval[q] = values[p]
-            cptr[k] = q + 1
+            cptr[k] += 1
     # Each pixel's run is short (about B/5 rows): calling sparse_combine_row for
     # each cost more than the one-pass rows gain, so the intrinsic is called here
     # (0.052-0.055 -> 0.049 s an epoch at 100 units, one thread, Zen 5).
     whole = takes_whole_row(D)
-    # np.int64, not a bare 0: numba typed the call below with Literal[int](0) and
-    # compiled a second sparse_combine_row for it (about 1 s of a cold start).
-    start = np.int64(0)
     for k in range(n_in):
-        end = cptr[k]
-        touched[k] = end > start
-        if end > start:
+        n = cptr[k]
+        touched[k] = n > 0
+        if n > 0:
+            # start and end are int64 (R is): a bare literal would have typed the
+            # call with Literal[int] and compiled a second sparse_combine_row.
+            start = k * R
             if whole:
-                combine_whole_row(dW, k, crow, cval, start, end, D)
+                combine_whole_row(dW, k, crow, cval, start, start + n, D)
             else:
-                sparse_combine_row(dW, k, crow, cval, start, end, D)
-        start = end
+                sparse_combine_row(dW, k, crow, cval, start, start + n, D)
     column_sums_rows(D, db, r0, r1)
 
 
