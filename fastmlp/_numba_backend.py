@@ -6,8 +6,8 @@ import numpy as np
 from . import activations, losses
 from .kernels import dense, epoch, native, sync
 
-# Below this fraction of nonzeros (in sampled_rows) the first layer reads the
-# input as CSR.
+# Below this fraction of nonzeros (in the rows sample_step picks) the first layer
+# reads the input as CSR.
 SPARSE_DENSITY = 0.5
 
 
@@ -92,11 +92,6 @@ def sample_step(X):
     """k = max(1, len(X) // DENSITY_SAMPLE_ROWS): every k-th row is sampled, the same
     rows every time."""
     return max(1, X.shape[0] // DENSITY_SAMPLE_ROWS)
-
-
-def sampled_rows(X):
-    """Every sample_step(X)-th row of X."""
-    return X[::sample_step(X)]
 
 
 def sampled_column_counts(X):
@@ -208,7 +203,7 @@ class Engine:
         # otherwise, which compiles the epoch without the CSC.
         if self.sparse and epoch.sparse_grad_uses_csc(sizes[1]):
             rows = -(-B // T)
-            self.cptr = np.zeros((T, n_in + 1), dtype=np.int64)
+            self.cptr = np.zeros((T, n_in), dtype=np.int64)
             self.crow = np.zeros((T, rows * n_in), dtype=np.int32)
             self.cval = np.zeros((T, rows * n_in), dtype=dt)
         else:
