@@ -68,7 +68,8 @@ from .native import call_at, call_packed, pack_call
 from .sync import ALL, ALONE, STOP, barrier, check_in
 from .simd import combine_whole_row, sparse_combine_row, sparse_scatter_row, takes_whole_row
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
-                    csr_matmul_rows, matmul_rows, output_delta_rows, weight_grad_rows)
+                    csr_matmul_rows, dense_value, matmul_rows, output_delta_rows,
+                    weight_grad_rows)
 
 
 # Widest layer whose sparse weight gradient scatters (weight_grad_scatter); wider
@@ -184,8 +185,8 @@ CSR_MATMUL, MATMUL, BIAS_ACTIVATE, BACKPROP, WEIGHT_GRAD, SPARSE_GRAD = range(6)
 
 # Called only through its address from train_epoch: no wrappers for Python or C.
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
-def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, values, Y, order,
-                           batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval, tiny, top,
+def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices, values, Y,
+                           order, batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval, tiny, top,
                            loss_parts, correct_parts, fns):
     """Forward and backward for chunk t of the batch of rows order[start:start+nb],
     (start, nb) = batch: its rows r0..r1-1, one of loss_parts.shape[0] equal
@@ -193,7 +194,9 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, va
     and correct_parts[t]. cptr, crow and cval are each chunk's CSC workspaces
     for weight_grad_csc, or all three None where weight_grad_scatter takes the
     first layer. X is a dense input, or a sparse input's dense columns (none:
-    shape (1, 0)), gathered into A0 batch row by batch row."""
+    shape (1, 0)), gathered into A0 batch row by batch row: as they are, or where
+    X is uint8 (8-bit levels, see fastmlp/_numba_backend.levels_of), each level
+    divided by levels, which gives back the input's values exactly."""
     start, nb = batch[0], batch[1]
     n_chunks = loss_parts.shape[0]
     r0 = t * nb // n_chunks
@@ -216,7 +219,7 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, va
             for r in range(r0, r1):
                 src = rows[r]
                 for k in range(n_dense):
-                    A0[r, k] = X[src, k]
+                    A0[r, k] = dense_value(X, src, k, levels)
             # Ds[0] is free until the backward step writes it.
             ok &= call_at(fns[MATMUL], (A0, Ws[0][:n_dense], Ds[0], r0, r1))
             S, P = As[0], Ds[0]
@@ -227,7 +230,7 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, sparse, indptr, indices, va
         for r in range(r0, r1):
             src = rows[r]
             for k in range(n_in):
-                A0[r, k] = X[src, k]
+                A0[r, k] = dense_value(X, src, k, levels)
         ok &= call_at(fns[MATMUL], (A0, Ws[0], As[0], r0, r1))
     ok &= call_at(fns[BIAS_ACTIVATE], (acts[0], bs[0], As[0], r0, r1))
     for l in range(1, L):
@@ -659,8 +662,8 @@ def batches_kernel(forward_args, update_extra, called):
 
 # Where chunk_forward_backward's arguments after t (forward_args) hold the arrays
 # that train_epoch and update_share use too.
-FB_WS, FB_BS, FB_SPARSE, FB_ORDER, FB_BATCH = 0, 1, 5, 10, 11
-FB_DWS, FB_DBS, FB_TOUCHED, FB_LOSS_PARTS, FB_CORRECT_PARTS = 16, 17, 18, 24, 25
+FB_WS, FB_BS, FB_SPARSE, FB_ORDER, FB_BATCH = 0, 1, 6, 11, 12
+FB_DWS, FB_DBS, FB_TOUCHED, FB_LOSS_PARTS, FB_CORRECT_PARTS = 17, 18, 19, 25, 26
 
 
 @njit(cache=True, error_model="numpy", nogil=True)

@@ -323,6 +323,48 @@ def test_split_csr_equals_numpy(dtype):
                 assert values.dtype == dtype and indices.dtype == np.int32
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_csr_keeps_levels_exactly(dtype):
+    """With levels d, the dense columns as uint8 levels c with c / d == the value in
+    X's type (and the CSR as without levels); any value that is not one (NaN, inf,
+    -0.0, a negative, past 255 levels, between levels) gives the float split
+    instead."""
+    from fastmlp._numba_backend import split_csr
+    rng = np.random.default_rng(19)
+    for d in (255, 1):
+        X = (rng.integers(0, 256, (50, 40)) * (rng.random((50, 40)) < 0.5)).astype(dtype)
+        X /= dtype(d)
+        perm = rng.permutation(40)
+        plain = split_csr(X, perm, 25)
+        Xd, *csr = split_csr(X, perm, 25, d)
+        assert Xd.dtype == np.uint8 and Xd.flags.c_contiguous
+        np.testing.assert_array_equal(Xd, np.rint(X[:, perm[:25]] * d))
+        assert (Xd.astype(dtype) / dtype(d)).tobytes() == plain[0].tobytes()
+        for a, b in zip(csr, plain[1:]):
+            np.testing.assert_array_equal(a, b)
+        for bad in (np.nan, np.inf, -0.0, -1 / d, 256 / d, 0.5 / d):
+            Y = X.copy()
+            Y[rng.integers(50), perm[rng.integers(25)]] = bad
+            got = split_csr(Y, perm, 25, d)
+            assert got[0].dtype == dtype, bad
+            for a, b in zip(got, split_csr(Y, perm, 25)):
+                np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_levels_of(dtype):
+    """The divisor an input's sampled rows are 8-bit levels of, else None."""
+    from fastmlp._numba_backend import levels_of
+    rng = np.random.default_rng(23)
+    c = rng.integers(0, 256, (300, 30))
+    assert levels_of(c.astype(dtype) / dtype(255)) == 255
+    assert levels_of((c / 255).astype(dtype)) == 255
+    assert levels_of(c.astype(dtype)) == 1
+    assert levels_of(rng.random((300, 30)).astype(dtype)) is None
+    assert levels_of(c.astype(dtype) / dtype(256)) is None
+    assert levels_of(c.astype(np.int64)) is None
+
+
 def test_dense_columns_are_those_nonzero_often_enough():
     from fastmlp._numba_backend import (DENSE_COLUMN_DENSITY, dense_columns,
                                         sample_step, sampled_column_counts)

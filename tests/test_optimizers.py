@@ -101,6 +101,14 @@ def split_data(rng, n):
     return X, rng.integers(0, 3, n)
 
 
+def level_data(rng, n, d=255):
+    """split_data's pattern with every value an 8-bit level c / d (c in 1..255 where
+    nonzero), as images scaled by 1/255 are: the split keeps its dense columns as
+    uint8 levels (Engine.levels)."""
+    X, y = split_data(rng, n)
+    return np.where(X != 0, rng.integers(1, 256, X.shape) / d, 0.0), y
+
+
 def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None):
     """The compiled loop against fastmlp.reference, float64, the same shuffles,
     partial last batch included; chunks: workspaces for that many chunks (run by
@@ -108,6 +116,8 @@ def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None):
     rng = np.random.default_rng(7)
     if inputs == "split-input":
         X, y = split_data(rng, 103)
+    elif inputs == "level-input":
+        X, y = level_data(rng, 103)
     else:
         X, y = data(rng, 103, 17, inputs == "sparse-input")
     runs = []
@@ -127,12 +137,13 @@ def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None):
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(h_got["loss"], h_ref["loss"], rtol=1e-12)
     assert engine.sparse == (inputs != "dense-input")
-    assert engine.n_dense == (20 if inputs == "split-input" else 0)
+    assert engine.n_dense == (20 if inputs in ("split-input", "level-input") else 0)
+    assert (engine.X.dtype == np.uint8) == (inputs == "level-input")
     return engine
 
 
 @pytest.mark.parametrize("threads", THREADS)
-@pytest.mark.parametrize("inputs", ["sparse-input", "dense-input", "split-input"])
+@pytest.mark.parametrize("inputs", ["sparse-input", "dense-input", "split-input", "level-input"])
 @pytest.mark.parametrize("name,kw", CASES)
 def test_compiled_epochs_equal_reference_float64(name, kw, inputs, threads):
     """Three epochs of the compiled loop (fused optimiser update, the sparse first
@@ -168,6 +179,31 @@ def test_compiled_float32_close_to_reference_and_deterministic(name, kw):
     for p, q, r in zip(ref.weights + ref.biases, a.weights + a.biases, b.weights + b.biases):
         np.testing.assert_allclose(q, p, rtol=1e-4, atol=1e-5)
         assert q.tobytes() == r.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("d", [255, 1])
+def test_dense_columns_as_levels_train_the_same_bits(dtype, d):
+    """Dense columns kept as 8-bit levels (X / 255 and raw 0-255 values) give the
+    same weights, bit for bit, as the same columns kept as floats: the epoch turns
+    each level back into exactly the input's value."""
+    rng = np.random.default_rng(11)
+    X, y = level_data(rng, 250, d)
+    X = X.astype(dtype)
+    out = []
+    for use_levels in (True, False):
+        m = fastmlp.MLP([60, 16, 3], ["relu", "softmax"], dtype=dtype, seed=3)
+        t = fastmlp.Trainer(m, "cross_entropy", lr=0.05, batch_size=20, seed=4, backend="numba",
+                            threads=THREADS[-1], optimizer="adam", alpha=1e-3)
+        engine = t._get_engine()
+        engine.use_levels = use_levels
+        t.fit(X, y, epochs=2)
+        assert engine.X.dtype == (np.uint8 if use_levels else np.dtype(dtype))
+        assert engine.levels == d or not use_levels
+        out.append(m)
+    a, b = out
+    for p, q in zip(a.weights + a.biases, b.weights + b.biases):
+        assert p.tobytes() == q.tobytes()
 
 
 def test_optimizer_state_survives_checkpoint_resume(tmp_path):
