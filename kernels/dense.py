@@ -356,32 +356,26 @@ def dense_value(X, i, k, d):
     raise NotImplementedError("dense_value is for compiled code")
 
 
-def put_dense(dense, i, w, x, levels, j):
-    """dense[i, w] = x, or where dense holds 8-bit levels (uint8), levels[j] (x's
-    level, from row_levels). Compiled code only."""
+def put_dense(dense, i, w, x, d):
+    """dense[i, w] = x, or where dense holds 8-bit levels (uint8), x's level: the
+    integer nearest x * d (row_levels says whether that is exact). Compiled code
+    only."""
     raise NotImplementedError("put_dense is for compiled code")
 
 
-def row_levels(levels, X, i, d):
-    """For a uint8 levels (X.shape[1],): levels[j] = the 8-bit level of X[i, j] (the
-    integer c nearest X[i, j] * d) for every j, and whether each is one: c in
-    0..255 with c / d == X[i, j] exactly in X's float type (-0.0 is not: it would
-    come back as +0.0). For a float levels (a placeholder), True at once. Compiled
-    code only."""
+def row_levels(dense, X, i, d):
+    """Where dense is uint8: whether every value x of X's row i is an 8-bit level,
+    an integer c in 0..255 with c / d == x exactly in x's float type (-0.0 is not:
+    it would come back as +0.0). True at once where dense is a float array.
+    Compiled code only."""
     raise NotImplementedError("row_levels is for compiled code")
-
-
-def level_workspace(dense, n):
-    """row_levels' levels for a dense array: uint8 (n,) where dense is uint8, else
-    an empty placeholder. Compiled code only."""
-    raise NotImplementedError("level_workspace is for compiled code")
 
 
 def _float_of(t):
     return np.float32 if t == types.float32 else np.float64
 
 
-@overload(dense_value, inline="always")
+@overload(dense_value)
 def _dense_value(X, i, k, d):
     if X.dtype == types.uint8:
         cast = _float_of(d)
@@ -396,7 +390,7 @@ def _level_in(cast):
     """level(x, d) for floats of type cast: (c, ok), the integer c nearest x * d (0
     where that is not in 0..255, or x is NaN or -0.0, which fail ok) and whether c
     is in range and c / d == x."""
-    @njit(error_model="numpy", inline="always")
+    @njit(error_model="numpy")
     def level(x, d):
         y = x * d + cast(0.5)
         ok = (y >= 0) & (y < 256) & (math.copysign(cast(1), x) > 0)
@@ -408,56 +402,35 @@ def _level_in(cast):
 _LEVEL = {np.float32: _level_in(np.float32), np.float64: _level_in(np.float64)}
 
 
-@overload(put_dense, inline="always")
-def _put_dense(dense, i, w, x, levels, j):
+@overload(put_dense)
+def _put_dense(dense, i, w, x, d):
     if dense.dtype == types.uint8:
-        def put_level(dense, i, w, x, levels, j):
-            dense[i, w] = levels[j]
+        half = _float_of(x)(0.5)
+
+        def put_level(dense, i, w, x, d):
+            y = x * d + half
+            dense[i, w] = np.uint8(np.int32(y) if (y >= 0) & (y < 256) else 0)
         return put_level
 
-    def put_value(dense, i, w, x, levels, j):
+    def put_value(dense, i, w, x, d):
         dense[i, w] = x
     return put_value
 
 
-@overload(row_levels, inline="always")
-def _row_levels(levels, X, i, d):
-    if levels.dtype == types.uint8:
+@overload(row_levels)
+def _row_levels(dense, X, i, d):
+    if dense.dtype == types.uint8:
         level = _LEVEL[_float_of(d)]
 
-        def encode(levels, X, i, d):
-            # Branch-free, so that LLVM vectorises it: a level computed and checked
-            # as each dense value was stored cost MNIST's split 8 ms more.
+        def check(dense, X, i, d):
+            # Branch-free, so that LLVM vectorises it (each value checked as it was
+            # stored cost MNIST's split 8 ms more).
             ok = True
             for j in range(X.shape[1]):
-                c, fits = level(X[i, j], d)
-                levels[j] = np.uint8(c)
-                ok &= fits
+                ok &= level(X[i, j], d)[1]
             return ok
-        return encode
-    return lambda levels, X, i, d: True
-
-
-@overload(level_workspace, inline="always")
-def _level_workspace(dense, n):
-    if dense.dtype == types.uint8:
-        return lambda dense, n: np.empty(n, dtype=np.uint8)
-    return lambda dense, n: np.empty(0, dtype=dense.dtype)
-
-
-@njit(cache=True, error_model="numpy")
-def levels_fit(X, step, d):
-    """Whether every value of rows 0, step, 2*step, ... of X is an 8-bit level c / d
-    (row_levels' test; d of X's float type)."""
-    levels = np.empty(X.shape[1], dtype=np.uint8)
-    for i in range(0, X.shape[0], step):
-        if not row_levels(levels, X, i, d):
-            return False
-    return True
-
-
-# Rows per block of csr_rows' parallel loop (a block allocates its workspace).
-CSR_BLOCK = 256
+        return check
+    return lambda dense, X, i, d: True
 
 
 @njit(cache=True, error_model="numpy", parallel=PRANGE_ONLY)
@@ -470,8 +443,7 @@ def csr_rows(X, where, n_dense, counts, indptr, indices, values, dense, d, fill)
     and the CSR's indices and values at indptr's offsets; a row's indices ascend if
     where does over the CSR's columns. A uint8 dense gets each value's 8-bit level
     (row_levels, with d), and counts[i] = 1 where some value of row i is not one,
-    else 0; a float dense, the values and counts[i] = 0. Rows go in blocks of
-    CSR_BLOCK, each with its workspace of levels.
+    else 0; a float dense, the values and counts[i] = 0.
 
     Both passes read each row front to back (where, not its inverse: a gather of
     the row through the permutation cost MNIST's training set, 2 threads, 34 ms
@@ -479,30 +451,27 @@ def csr_rows(X, where, n_dense, counts, indptr, indices, values, dense, d, fill)
     each parallel function costs a cold start about 0.5 s of numba's parallel
     passes, whatever its body."""
     n_cols = X.shape[1]
-    n = X.shape[0]
-    for blk in prange((n + CSR_BLOCK - 1) // CSR_BLOCK):
-        levels = level_workspace(dense, n_cols)
-        for i in range(blk * CSR_BLOCK, min(n, (blk + 1) * CSR_BLOCK)):
-            if not fill:
-                # Branch-free, so that LLVM vectorises it.
-                c = 0
-                for j in range(n_cols):
-                    c += (X[i, j] != 0) & (where[j] >= n_dense)
-                counts[i] = c
-                continue
-            q = indptr[i]
-            end = indptr[i + 1]
-            counts[i] = 0 if row_levels(levels, X, i, d) else 1
+    for i in prange(X.shape[0]):
+        if not fill:
+            # Branch-free, so that LLVM vectorises it.
+            c = 0
             for j in range(n_cols):
-                x = X[i, j]
-                w = where[j]
-                if w < n_dense:
-                    put_dense(dense, i, w, x, levels, j)
-                elif q < end:
-                    # Written whether zero or not, kept only by moving q: a branch on
-                    # each element's zeroness is mispredicted about as often as MNIST
-                    # has edges (0.040 against 0.052 s for MNIST's training set, 2
-                    # threads). q stops at the row's end, so rows stay their own.
-                    indices[q] = w
-                    values[q] = x
-                    q += 1 if x != 0 else 0
+                c += (X[i, j] != 0) & (where[j] >= n_dense)
+            counts[i] = c
+            continue
+        q = indptr[i]
+        end = indptr[i + 1]
+        counts[i] = 0 if row_levels(dense, X, i, d) else 1
+        for j in range(n_cols):
+            x = X[i, j]
+            w = where[j]
+            if w < n_dense:
+                put_dense(dense, i, w, x, d)
+            elif q < end:
+                # Written whether zero or not, kept only by moving q: a branch on
+                # each element's zeroness is mispredicted about as often as MNIST
+                # has edges (0.040 against 0.052 s for MNIST's training set, 2
+                # threads). q stops at the row's end, so rows stay their own.
+                indices[q] = w
+                values[q] = x
+                q += 1 if x != 0 else 0
