@@ -136,6 +136,45 @@ def test_float32_input_stays_float32_and_tracks_scikit_learn(solver):
     np.testing.assert_array_equal(got.predict(X), ref.predict(X))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_images_as_levels_fit_like_the_float_copy_and_scikit_learn(dtype, monkeypatch):
+    """Image-like input (pixels c / 255, mostly zero, a block of often-nonzero
+    ones): the split keeps those columns as 8-bit levels, and fit, partial_fit and
+    predict give the same bits as with the levels turned off, and track
+    scikit-learn's."""
+    from fastmlp import _numba_backend
+    rng = np.random.default_rng(5)
+    n, y = 300, rng.integers(0, 3, 300)
+    X = np.where(rng.random((n, 120)) < np.where(np.arange(120) < 40, 0.8, 0.05),
+                 rng.integers(1, 256, (n, 120)), 0).astype(dtype) / dtype(255)
+    X[np.arange(n), 40 + y] = 1.0                       # something to learn
+    p = dict(hidden_layer_sizes=(24,), max_iter=3, batch_size=30, random_state=0,
+             learning_rate_init=0.01)
+    kept = []
+    prepare = _numba_backend.Engine.prepare
+
+    def spy(engine, *args):
+        prepare(engine, *args)
+        kept.append(engine.X.dtype)
+    monkeypatch.setattr(_numba_backend.Engine, "prepare", spy)
+    fits = []
+    for divisors in ((255, 1), ()):
+        monkeypatch.setattr(_numba_backend, "LEVEL_DIVISORS", divisors)
+        est = MLPClassifier(threads=2, **p).fit(X, y)
+        est.partial_fit(X[:100], y[:100])
+        fits.append(est)
+    assert kept == [np.uint8] * 2 + [np.dtype(dtype)] * 2
+    a, b = fits
+    for u, v in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_):
+        assert u.tobytes() == v.tobytes()
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+    ref = SklearnMLP(**p).fit(X, y)
+    ref.partial_fit(X[:100], y[:100])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+    for u, v in zip(ref.coefs_, a.coefs_):
+        np.testing.assert_allclose(v, u, **tol)
+
+
 def test_dtype_parameter_overrides_the_input():
     X, y = blobs()
     est = MLPClassifier(hidden_layer_sizes=(5,), max_iter=2, dtype="float32").fit(X, y)
