@@ -64,23 +64,24 @@ def split_csr(X, perm, n_dense, levels=None):
     exactly (see levels_of), unless some value is not one: then it holds the
     values, in X's dtype."""
     X = np.ascontiguousarray(X)
-    where = np.empty(X.shape[1], dtype=np.int64)
-    where[np.asarray(perm, dtype=np.int64)] = np.arange(X.shape[1])
-    n_dense = int(n_dense)
+    perm = np.asarray(perm, dtype=np.int64)
+    where = np.empty(X.shape[1], dtype=np.int32)
+    where[perm] = np.arange(X.shape[1])
+    cols = np.ascontiguousarray(perm[:int(n_dense)])
     d = X.dtype.type(1 if levels is None else levels)
     kind = X.dtype if levels is None else np.uint8
     counts = np.empty(X.shape[0], dtype=np.int64)
-    dense.csr_rows(X, where, n_dense, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
+    dense.csr_rows(X, where, cols, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
                    np.zeros((0, 0), dtype=kind), d, False)
     indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(indptr[-1], dtype=np.int32)
     values = np.empty(indptr[-1], dtype=X.dtype)
-    Xd = np.empty((X.shape[0], n_dense), dtype=kind)
-    dense.csr_rows(X, where, n_dense, counts, indptr, indices, values, Xd, d, True)
+    Xd = np.empty((X.shape[0], len(cols)), dtype=kind)
+    dense.csr_rows(X, where, cols, counts, indptr, indices, values, Xd, d, True)
     if levels is not None and counts.any():
-        Xd = np.empty((X.shape[0], n_dense), dtype=X.dtype)
-        dense.csr_rows(X, where, n_dense, counts, indptr, indices, values, Xd, d, True)
+        Xd = np.empty((X.shape[0], len(cols)), dtype=X.dtype)
+        dense.csr_rows(X, where, cols, counts, indptr, indices, values, Xd, d, True)
     return Xd, indptr, indices, values
 
 
@@ -107,7 +108,7 @@ def levels_of(X):
     n, m = sample.shape
     bad = np.empty(n, dtype=np.int64)
     for d in LEVEL_DIVISORS:
-        dense.csr_rows(sample, np.arange(m, dtype=np.int64), m, bad,
+        dense.csr_rows(sample, np.arange(m, dtype=np.int32), np.arange(m, dtype=np.int64), bad,
                        np.zeros(n + 1, dtype=np.int64), _NO_INDICES, np.zeros(0, dtype=X.dtype),
                        np.empty((n, m), dtype=np.uint8), X.dtype.type(d), True)
         if not bad.any():

@@ -309,6 +309,82 @@ def sparse_combine_row(out, i, idx, val, q0, q1, M):
         out[i, j] = acc
 
 
+def _splat16(builder, value):
+    v16 = ir.VectorType(value.type, 16)
+    i32 = ir.IntType(32)
+    xv = builder.insert_element(ir.Constant(v16, ir.Undefined), value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(xv, ir.Constant(v16, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+
+
+@intrinsic
+def compress_row(typingctx, X, i, where, n_dense, indices, values, q0, q1):
+    """indices[q0:], values[q0:] = where[j], X[i, j] for the columns j of row i with
+    X[i, j] != 0 (NaN included) and where[j] >= n_dense, in column order, at most
+    q1 - q0 of them: 16 columns at a time, each block's entries packed together by
+    AVX-512's compress and written by a masked store (AVX-512 only: float32 X and
+    values, int32 where and indices). The scalar loop it replaces keeps a branch-free
+    store for every column; packing sixteen at once took MNIST's split 12 ms against
+    19 (2 threads, float32 dense columns)."""
+    _check_arrays("compress_row", (("X", X, 2), ("values", values, 1)), ("X", "values"))
+    for name, a in (("where", where), ("indices", indices)):
+        if not isinstance(a, types.Array) or a.ndim != 1 or a.layout != "C":
+            raise TypingError(f"compress_row: {name} must be a C-contiguous 1-D array")
+    if X.dtype != types.float32 or where.dtype != types.int32 or indices.dtype != types.int32:
+        raise TypingError("compress_row: X and values float32, where and indices int32")
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        Xa, Wa, Ia, Va = (context.make_array(signature.args[n])(context, builder, args[n])
+                          for n in (0, 2, 4, 5))
+        intp = context.get_value_type(types.intp)
+        i_, nd, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
+                            for n in (1, 3, 6, 7))
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        v16f, v16i, v16b = (ir.VectorType(t, 16) for t in (f32, i32, ir.IntType(1)))
+        mod = b.module
+
+        def fn(name, ret, argtys):
+            return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, argtys), name)
+        compress_f = fn("llvm.x86.avx512.mask.compress.v16f32", v16f, [v16f, v16f, v16b])
+        compress_i = fn("llvm.x86.avx512.mask.compress.v16i32", v16i, [v16i, v16i, v16b])
+        load_f = fn("llvm.masked.load.v16f32.p0", v16f, [v16f.as_pointer(), i32, v16b, v16f])
+        load_i = fn("llvm.masked.load.v16i32.p0", v16i, [v16i.as_pointer(), i32, v16b, v16i])
+        store_f = fn("llvm.masked.store.v16f32.p0", ir.VoidType(),
+                     [v16f, v16f.as_pointer(), i32, v16b])
+        store_i = fn("llvm.masked.store.v16i32.p0", ir.VoidType(),
+                     [v16i, v16i.as_pointer(), i32, v16b])
+        ctpop = fn("llvm.ctpop.i16", ir.IntType(16), [ir.IntType(16)])
+        four = ir.Constant(i32, 4)
+        zero_f = ir.Constant(v16f, [ir.Constant(f32, 0.0)] * 16)
+        zero_i = ir.Constant(v16i, [ir.Constant(i32, 0)] * 16)
+        lanes = ir.Constant(v16i, list(range(16)))
+        ndv = _splat16(b, b.trunc(nd, i32))
+        n_cols = cgutils.unpack_tuple(b, Xa.shape)[1]
+        row = b.gep(Xa.data, [b.mul(i_, n_cols)])
+        q = cgutils.alloca_once_value(b, q0_)
+        with cgutils.for_range_slice(b, ir.Constant(intp, 0), n_cols, ir.Constant(intp, 16)) as (j, _):
+            inside = b.icmp_signed("<", lanes, _splat16(b, b.trunc(b.sub(n_cols, j), i32)))
+            x = b.call(load_f, [b.bitcast(b.gep(row, [j]), v16f.as_pointer()), four, inside,
+                                zero_f])
+            w = b.call(load_i, [b.bitcast(b.gep(Wa.data, [j]), v16i.as_pointer()), four, inside,
+                                ndv])
+            keep = b.and_(b.fcmp_unordered("!=", x, zero_f), b.icmp_signed(">=", w, ndv))
+            keep = b.and_(keep, inside)
+            n = b.zext(b.call(ctpop, [b.bitcast(keep, ir.IntType(16))]), intp)
+            qq = b.load(q)
+            room = b.sub(q1_, qq)
+            n = b.select(b.icmp_signed("<", room, n), room, n)
+            first = b.icmp_signed("<", lanes, _splat16(b, b.trunc(n, i32)))
+            b.call(store_f, [b.call(compress_f, [x, zero_f, keep]),
+                             b.bitcast(b.gep(Va.data, [qq]), v16f.as_pointer()), four, first])
+            b.call(store_i, [b.call(compress_i, [w, zero_i, keep]),
+                             b.bitcast(b.gep(Ia.data, [qq]), v16i.as_pointer()), four, first])
+            b.store(b.add(qq, n), q)
+        return context.get_dummy_value()
+    return types.none(X, i, where, n_dense, indices, values, q0, q1), codegen
+
+
 @intrinsic
 def prefetch(typingctx, a, i):
     """Ask the cache for the line holding a[i] (a 1-D array) ahead of its use; no

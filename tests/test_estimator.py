@@ -136,6 +136,7 @@ def test_float32_input_stays_float32_and_tracks_scikit_learn(solver):
     np.testing.assert_array_equal(got.predict(X), ref.predict(X))
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_images_as_levels_fit_like_the_float_copy_and_scikit_learn(dtype, monkeypatch):
     """Image-like input (pixels c / 255, mostly zero, a block of often-nonzero
