@@ -61,8 +61,8 @@ def split_csr(X, perm, n_dense, levels=None):
     a row (ascending where perm lists those columns ascending, as dense_columns
     does). Two compiled passes over the rows (count, fill). With levels (a divisor
     d) the dense array is uint8, each value's 8-bit level c with c / d == the value
-    exactly (see levels_of), unless some value is not one: then it holds the
-    values, in X's dtype."""
+    exactly (see levels_of), unless some value is not one: then a third pass fills
+    it with the values, in X's dtype."""
     X = np.ascontiguousarray(X)
     perm = np.asarray(perm, dtype=np.int64)
     where = np.empty(X.shape[1], dtype=np.int32)
@@ -86,7 +86,7 @@ def split_csr(X, perm, n_dense, levels=None):
 
 
 # Divisors d tried, in order, for inputs whose values are all 8-bit levels c / d:
-# images scaled to [0, 1] by 255, and raw 0-255 intensities.
+# images scaled to [0, 1] by 255, and raw 0-255 intensities (none: never levels).
 LEVEL_DIVISORS = (255, 1)
 # levels_of looks at every LEVEL_SAMPLE_STEP-th row of the density sample (MNIST:
 # 512 rows, 0.3 ms; split_csr checks every value anyway).
@@ -97,9 +97,9 @@ def levels_of(X):
     """A divisor d from LEVEL_DIVISORS such that every value of X's sampled rows
     (every LEVEL_SAMPLE_STEP-th of sample_step's) is c / d, c an integer 0..255,
     computed in X's float type; else None. The split then keeps the dense columns
-    as those uint8 levels, a quarter of the bytes that every epoch reads (MNIST as X / 255: its 228 dense columns, 14 MB
-    instead of 55, which fits in L3), and the epoch turns each gathered level back
-    into the exact same value."""
+    as those uint8 levels, a quarter of the bytes that every epoch reads (MNIST as
+    X / 255: its 228 dense columns, 14 MB instead of 55, which fits in L3), and the
+    epoch turns each gathered level back into the exact same value."""
     if X.dtype not in (np.float32, np.float64):
         return None
     # split_csr's own compiled fill (every column dense) checks the sample: no
@@ -171,9 +171,6 @@ class Engine:
         self.model, self.loss, self.batch_size, self.threads = model, loss, batch_size, threads
         self.optimizer = optimizer if optimizer is not None else Optimizer("sgd")
         self._ws_key = None
-        # Whether a split input's dense columns may be kept as 8-bit levels
-        # (levels_of); off only to compare with the float copy.
-        self.use_levels = True
 
     @contextlib.contextmanager
     def threads_context(self):
@@ -207,7 +204,7 @@ class Engine:
             perm, n_dense = dense_columns(counts, rows) if splits_columns(m) else (None, 0)
             if n_dense >= MIN_DENSE_COLUMNS:
                 self.perm = perm
-                levels = levels_of(X) if self.use_levels else None
+                levels = levels_of(X)
                 self.X, self.indptr, self.indices, self.values = split_csr(X, perm, n_dense,
                                                                            levels)
                 self.levels = m.dtype.type(levels if self.X.dtype == np.uint8 else 1)
@@ -328,8 +325,7 @@ class Engine:
                                   self.values, order, self.As, self.Ds, self.dWs, self.dbs,
                                   self.touched, self.cptr, self.crow, self.cval)
         fb_args = (Ws, bs_, self.codes, self.loss_code, self.X, self.levels, self.sparse,
-                   self.indptr,
-                   self.indices, self.values, self.Y, order, self.batch, self.A0, self.Yb,
+                   self.indptr, self.indices, self.values, self.Y, order, self.batch, self.A0, self.Yb,
                    self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr, self.crow,
                    self.cval, self.tiny, self.top,
                    self.loss_parts, self.correct_parts, fns)

@@ -436,11 +436,10 @@ _LEVEL = {np.float32: _level_in(np.float32), np.float64: _level_in(np.float64)}
 @overload(put_dense)
 def _put_dense(dense, i, w, x, d):
     if dense.dtype == types.uint8:
-        half = _float_of(x)(0.5)
+        level = _LEVEL[_float_of(x)]
 
         def put_level(dense, i, w, x, d):
-            y = x * d + half
-            dense[i, w] = np.uint8(np.int32(y) if (y >= 0) & (y < 256) else 0)
+            dense[i, w] = np.uint8(level(x, d)[0])
         return put_level
 
     def put_value(dense, i, w, x, d):

@@ -186,8 +186,8 @@ CSR_MATMUL, MATMUL, BIAS_ACTIVATE, BACKPROP, WEIGHT_GRAD, SPARSE_GRAD = range(6)
 # Called only through its address from train_epoch: no wrappers for Python or C.
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices, values, Y,
-                           order, batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval, tiny, top,
-                           loss_parts, correct_parts, fns):
+                           order, batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval,
+                           tiny, top, loss_parts, correct_parts, fns):
     """Forward and backward for chunk t of the batch of rows order[start:start+nb],
     (start, nb) = batch: its rows r0..r1-1, one of loss_parts.shape[0] equal
     shares. Writes the chunk's summed loss and number correct into loss_parts[t]

@@ -217,8 +217,9 @@ gemm_tile1 = _gemm_tile_intrinsic(1, TILE1_ROWS)
 # broadcasts: 100 float32 columns are 6 vectors and a quarter, not 7. Zen 4 runs a
 # 64-byte multiply-add as two 32-byte halves, so the narrow one costs less. A
 # 100x228 by 228x100 product (the estimator's first layer, its dense columns, one
-# thread, best of 5): X W 42.7-43.0 against 44.0 us, X^T D 43.1-43.5 against 44.4. A quarter-width one-vector tile on its own saved nothing (its eight
-# broadcasts a step bound it, not its multiply-adds), nor did a 4 x 7-vector tile
+# thread, best of 5): X W 42.7-43.0 against 44.0 us, X^T D 43.1-43.5 against 44.4.
+# A quarter-width one-vector tile on its own saved nothing (its eight broadcasts a
+# step bound it, not its multiply-adds), nor did a 4 x 7-vector tile
 # (70-82 us: too few registers). A half-width pair as well (a vector and a half)
 # cost cold starts 1.4 s (seed000, 14.1-14.3 against 12.8 s), the quarter alone 0.5.
 NARROW_TAILS = HAS_AVX512

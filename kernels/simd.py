@@ -363,7 +363,8 @@ def compress_row(typingctx, X, i, where, n_dense, indices, values, q0, q1):
         n_cols = cgutils.unpack_tuple(b, Xa.shape)[1]
         row = b.gep(Xa.data, [b.mul(i_, n_cols)])
         q = cgutils.alloca_once_value(b, q0_)
-        with cgutils.for_range_slice(b, ir.Constant(intp, 0), n_cols, ir.Constant(intp, 16)) as (j, _):
+        start, step = ir.Constant(intp, 0), ir.Constant(intp, 16)
+        with cgutils.for_range_slice(b, start, n_cols, step) as (j, _):
             inside = b.icmp_signed("<", lanes, _splat16(b, b.trunc(b.sub(n_cols, j), i32)))
             x = b.call(load_f, [b.bitcast(b.gep(row, [j]), v16f.as_pointer()), four, inside,
                                 zero_f])

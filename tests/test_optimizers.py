@@ -183,7 +183,7 @@ def test_compiled_float32_close_to_reference_and_deterministic(name, kw):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("d", [255, 1])
-def test_dense_columns_as_levels_train_the_same_bits(dtype, d):
+def test_dense_columns_as_levels_train_the_same_bits(dtype, d, monkeypatch):
     """Dense columns kept as 8-bit levels (X / 255 and raw 0-255 values) give the
     same weights, bit for bit, as the same columns kept as floats: the epoch turns
     each level back into exactly the input's value."""
@@ -191,12 +191,13 @@ def test_dense_columns_as_levels_train_the_same_bits(dtype, d):
     X, y = level_data(rng, 250, d)
     X = X.astype(dtype)
     out = []
+    from fastmlp import _numba_backend
     for use_levels in (True, False):
+        monkeypatch.setattr(_numba_backend, "LEVEL_DIVISORS", (255, 1) if use_levels else ())
         m = fastmlp.MLP([60, 16, 3], ["relu", "softmax"], dtype=dtype, seed=3)
         t = fastmlp.Trainer(m, "cross_entropy", lr=0.05, batch_size=20, seed=4, backend="numba",
                             threads=THREADS[-1], optimizer="adam", alpha=1e-3)
         engine = t._get_engine()
-        engine.use_levels = use_levels
         t.fit(X, y, epochs=2)
         assert engine.X.dtype == (np.uint8 if use_levels else np.dtype(dtype))
         assert engine.levels == d or not use_levels
