@@ -154,6 +154,31 @@ def dense_columns(counts, rows, density=DENSE_COLUMN_DENSITY):
     return perm.astype(np.int64), int(dense_col.sum())
 
 
+# Whether a sparse input's first layer is split between the threads by input
+# columns (each thread owns its rows of W_1, and its optimiser moments) rather
+# than by batch rows, for every optimiser but plain SGD without L2: see
+# fastmlp.kernels.epoch.chunk_partial_forward and the README, Speed.
+SPLIT_FEATURES = True
+
+
+def feature_cuts(counts, n_dense, T):
+    """cuts (T + 1, 2) for a first layer split by input columns between T chunks:
+    chunk t owns the dense columns cuts[t, 0] .. cuts[t + 1, 0] - 1 (an equal share
+    of the n_dense) and the CSR columns cuts[t, 1] .. cuts[t + 1, 1] - 1, whose
+    nonzeros (counts: per column, in W_1's row order, from the sampled rows) are
+    shared as evenly as whole columns allow."""
+    n_in = len(counts)
+    cuts = np.empty((T + 1, 2), dtype=np.int64)
+    cuts[:, 0] = [t * n_dense // T for t in range(T + 1)]
+    csum = np.cumsum(counts[n_dense:])
+    total = csum[-1] if len(csum) else 0
+    for t in range(T + 1):
+        cuts[t, 1] = n_dense + int(np.searchsorted(csum, t * total / T, side="left"))
+    cuts[0, 1], cuts[T, 1] = n_dense, n_in
+    cuts[:, 1] = np.maximum.accumulate(np.minimum(cuts[:, 1], n_in))
+    return cuts
+
+
 def splits_columns(model):
     """Whether a sparse first layer of this model takes its dense columns through
     the dense products: where those are compiled tiles (a first layer at least
@@ -216,19 +241,50 @@ class Engine:
             self.indptr = np.zeros(1, dtype=np.int64)
             self.indices = np.zeros(0, dtype=np.int32)
             self.values = np.zeros(0, dtype=m.dtype)
+        # The sampled nonzeros of each column in W_1's row order, to share the
+        # columns between chunks (see _cut_columns).
+        self._column_counts = None
+        if self.sparse:
+            self._column_counts = counts[self.perm] if self.perm is not None else counts
         T = numba.get_num_threads()
-        key = (T, tuple(m.layer_sizes), m.dtype, self.sparse, self.n_dense)
+        key = (T, tuple(m.layer_sizes), m.dtype, self.sparse, self.n_dense,
+               self.splits_features(T))
         if key != self._ws_key:
             self._allocate(T)
             self._ws_key = key
+        else:
+            self._cut_columns(T)
+
+    def splits_features(self, T):
+        """Whether the first layer is split between T chunks by input columns (see
+        SPLIT_FEATURES)."""
+        return self.sparse and T >= 2 and SPLIT_FEATURES and not self._plain_sgd()
+
+    def _cut_columns(self, T):
+        """For a first layer split by input columns between T chunks (else both
+        None): cuts, which chunk owns which columns (feature_cuts), and cut_ptr,
+        each row's nonzeros cut at those columns
+        (fastmlp.kernels.dense.csr_column_cuts)."""
+        self.cuts = self.cut_ptr = None
+        if self.splits_features(T):
+            self.cuts = feature_cuts(self._column_counts, self.n_dense, T)
+            self.cut_ptr = np.empty((len(self.indptr) - 1) * T + 1, dtype=np.int64)
+            dense.csr_column_cuts(self.indptr, self.indices,
+                                  np.ascontiguousarray(self.cuts[:, 1]), self.cut_ptr)
 
     def _allocate(self, T):
+        self._cut_columns(T)
         m, B = self.model, self.batch_size
         dt, sizes = m.dtype, m.layer_sizes
         n_in = sizes[0]
         # The dense batch is gathered for a dense input, and a sparse one's dense
         # columns; the rest is read as CSR.
-        if self.sparse:
+        split = self.cuts is not None
+        if split:
+            # Each chunk's own dense columns, for the whole batch (a row each).
+            widest = int(np.diff(self.cuts[:, 0]).max())
+            self.A0 = np.zeros((T, max(1, B * widest)), dtype=dt)
+        elif self.sparse:
             self.A0 = np.zeros((B if self.n_dense else 1, self.n_dense), dtype=dt)
         else:
             self.A0 = np.zeros((B, n_in), dtype=dt)
@@ -247,7 +303,8 @@ class Engine:
         # (epoch.weight_grad_csc): the widths sparse_grad_uses_csc names. None
         # otherwise, which compiles the epoch without the CSC.
         if self.sparse and epoch.sparse_grad_uses_csc(sizes[1]):
-            rows = -(-B // T)
+            # (split by input columns, each chunk sorts the whole batch's rows)
+            rows = B if split else -(-B // T)
             self.cptr = np.zeros((T, n_in), dtype=np.int64)
             self.crow = np.zeros((T, rows * n_in), dtype=np.int32)
             self.cval = np.zeros((T, rows * n_in), dtype=dt)
@@ -256,7 +313,10 @@ class Engine:
         self.loss_parts = np.zeros(T, dtype=np.float64)
         self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)
-        self.called = np.zeros((2, T), dtype=np.bool_)   # each chunk's two kernels
+        # Each chunk's partial first-layer products (Ps[t, 0]) and its dense
+        # columns' share of them (Ps[t, 1]), where the layer is split by columns.
+        self.Ps = np.zeros((T, 2, B, sizes[1]), dtype=dt) if split else None
+        self.called = np.zeros((4, T), dtype=np.bool_)   # each chunk's kernels
         self.ctl = np.zeros(sync.CTL_SIZE, dtype=np.int64)    # their barriers' counters
         self.batch = np.zeros(2, dtype=np.int64)
         self.scalars = np.zeros(9, dtype=dt)
@@ -268,6 +328,9 @@ class Engine:
     def n_dense(self):
         """How many of a sparse input's columns the first layer reads as dense."""
         return self.X.shape[1] if self.sparse else 0
+
+    def _plain_sgd(self):
+        return self.optimizer.code == epoch.SGD and self.optimizer.alpha == 0
 
     def _optimizer_args(self):
         m, opt = self.model, self.optimizer
@@ -328,19 +391,22 @@ class Engine:
                    self.indptr, self.indices, self.values, self.Y, order, self.batch, self.A0, self.Yb,
                    self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr, self.crow,
                    self.cval, self.tiny, self.top,
-                   self.loss_parts, self.correct_parts, fns)
+                   self.loss_parts, self.correct_parts, fns, self.Ps, self.cut_ptr, self.cuts)
         # train_epoch builds update_share's arguments from fb_args and these, in this
         # order (each array passed once: unboxing each costs its compile time).
         # Plain SGD without L2 updates by update_share's own short path: no
         # optimizer_row (ofn None), and none of the other optimisers' code compiled.
-        plain = opt == epoch.SGD and self.optimizer.alpha == 0
-        ofn = None if plain else epoch.optimizer_kernel(self.scalars)
+        ofn = None if self._plain_sgd() else epoch.optimizer_kernel(self.scalars)
         up_extra = (self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
         up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, np.int64(opt),
-                   self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
-        kernels = np.array(native.address(epoch.chunk_forward_backward, (np.int64(0),) + fb_args)
+                   self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn, self.cuts)
+        chunk = (np.int64(0),) + fb_args
+        split = ((native.address(epoch.chunk_partial_forward, chunk)
+                  + native.address(epoch.chunk_layer1_grad, chunk))
+                 if self.cuts is not None else (0, -1, 0, -1))
+        kernels = np.array(native.address(epoch.chunk_forward_backward, chunk)
                            + native.address(epoch.update_share, (np.int64(0),) + up_args)
-                           + epoch.batches_kernel(fb_args, up_extra, self.called),
+                           + epoch.batches_kernel(fb_args, up_extra, self.called) + split,
                            dtype=np.int64)
         total, correct, bad, done = epoch.train_epoch(
             fb_args, up_extra, kernels, bs, b0, b1, float(lr), np.int64(opt), hyper, step, stop,

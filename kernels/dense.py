@@ -15,7 +15,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from . import gemm
-from .simd import (combine_narrow_row, compress_row, prefetch, prefetch_csr_row,
+from .simd import (combine_narrow_row, compress_row, prefetch, prefetch_csr_part,
                    sparse_combine_row, takes_narrow_row)
 from .vmath import sigmoid, tanh
 
@@ -23,14 +23,17 @@ LINEAR, SIGMOID, TANH, RELU, SOFTMAX = 0, 1, 2, 3, 4
 SQUARED_ERROR, CROSS_ENTROPY = 0, 1
 
 @njit(cache=True, error_model="numpy")
-def csr_matmul_rows(indptr, indices, values, rows, W, out, r0, r1):
-    """out[r] = x W for rows r0..r1-1, where x is row rows[r] of a CSR matrix
-    (indptr, indices, values): only nonzero inputs cost anything. The next row's
-    nonzeros are prefetched while this one is combined (one MNIST epoch of
-    100-unit products in shuffled order, one thread: 0.060 against 0.072 s), and
-    the row after next's offsets in indptr, which prefetching the next row's
-    nonzeros reads: a shuffled row's offsets are a cache miss, and reading them
-    there stalled (perf: 11% of a seed002 epoch's compiled time).
+def csr_matmul_rows(indptr, parts, c, indices, values, rows, W, out, r0, r1):
+    """out[r] = x W for rows r0..r1-1, where x is part c of row rows[r] of a CSR
+    matrix (indptr, indices, values) whose rows are each cut into `parts` runs of
+    nonzeros: row i's part c is indptr[i * parts + c] .. indptr[i * parts + c + 1] - 1
+    (parts = 1: a plain CSR; see csr_column_cuts). Only nonzero inputs cost
+    anything. The next row's nonzeros are prefetched while this one is combined
+    (one MNIST epoch of 100-unit products in shuffled order, one thread: 0.060
+    against 0.072 s), and the row after next's offsets in indptr, which
+    prefetching the next row's nonzeros reads: a shuffled row's offsets are a cache
+    miss, and reading them there stalled (perf: 11% of a seed002 epoch's compiled
+    time).
 
     Rows of one to four vectors (8-32 float32 units) sum in two chains per vector
     (combine_narrow_row; not the same bits as one chain): one MNIST epoch of
@@ -40,14 +43,41 @@ def csr_matmul_rows(indptr, indices, values, rows, W, out, r0, r1):
     narrow = takes_narrow_row(W)
     for r in range(r0, r1):
         if r + 2 < r1:
-            prefetch(indptr, rows[r + 2])
+            prefetch(indptr, rows[r + 2] * parts + c)
         if r + 1 < r1:
-            prefetch_csr_row(indptr, indices, values, rows[r + 1])
-        src = rows[r]
+            q = rows[r + 1] * parts + c
+            prefetch_csr_part(indices, values, indptr[q], indptr[q + 1])
+        q = rows[r] * parts + c
         if narrow:
-            combine_narrow_row(out, r, indices, values, indptr[src], indptr[src + 1], W)
+            combine_narrow_row(out, r, indices, values, indptr[q], indptr[q + 1], W)
         else:
-            sparse_combine_row(out, r, indices, values, indptr[src], indptr[src + 1], W)
+            sparse_combine_row(out, r, indices, values, indptr[q], indptr[q + 1], W)
+
+
+@njit(cache=True, error_model="numpy")
+def csr_column_cuts(indptr, indices, cuts, out):
+    """Cut each row of a CSR matrix (column indices ascending within a row) at the
+    columns cuts[1..parts-1] (ascending; parts = len(cuts) - 1): out[i * parts + c]
+    is the position of row i's first nonzero in a column >= cuts[c] (c = 0: the
+    row's start), and out[n * parts] = indptr[n], so that part c of row i (its
+    columns cuts[c] .. cuts[c + 1] - 1) is out[i * parts + c] .. out[i * parts + c + 1]
+    - 1, as csr_matmul_rows reads it. out holds n * parts + 1."""
+    n = indptr.shape[0] - 1
+    parts = cuts.shape[0] - 1
+    for i in range(n):
+        p0, p1 = indptr[i], indptr[i + 1]
+        out[i * parts] = p0
+        for c in range(1, parts):
+            lo, hi = p0, p1
+            while lo < hi:      # first p in lo..hi with indices[p] >= cuts[c]
+                mid = (lo + hi) // 2
+                if indices[mid] < cuts[c]:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out[i * parts + c] = lo
+            p0 = lo
+    out[n * parts] = indptr[n]
 
 
 # The three products of a layer, chunk by chunk: compiled tiles (gemm.py) or BLAS,
@@ -356,6 +386,12 @@ def dense_value(X, i, k, d):
     raise NotImplementedError("dense_value is for compiled code")
 
 
+def decoded(x, d):
+    """One value of a dense input as the parameters' float, as dense_value reads it:
+    a level (uint8) divided by d, else x itself. Compiled code only."""
+    raise NotImplementedError("decoded is for compiled code")
+
+
 def put_dense(dense, i, w, x, d):
     """dense[i, w] = x, or where dense holds 8-bit levels (uint8), x's level: the
     integer nearest x * d (row_levels says whether that is exact). Compiled code
@@ -406,15 +442,17 @@ def _csr_part(X, i, where, n_dense, indices, values, q0, q1):
     return one_by_one
 
 
+@overload(decoded)
+def _decoded(x, d):
+    if x == types.uint8:
+        cast = _float_of(d)
+        return lambda x, d: cast(x) / d
+    return lambda x, d: x
+
+
 @overload(dense_value)
 def _dense_value(X, i, k, d):
-    if X.dtype == types.uint8:
-        cast = _float_of(d)
-
-        def decode(X, i, k, d):
-            return cast(X[i, k]) / d
-        return decode
-    return lambda X, i, k, d: X[i, k]
+    return lambda X, i, k, d: decoded(X[i, k], d)
 
 
 def _level_in(cast):

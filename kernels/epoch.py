@@ -68,7 +68,7 @@ from .native import call_at, call_packed, pack_call
 from .sync import ALL, ALONE, STOP, barrier, check_in
 from .simd import combine_whole_row, sparse_combine_row, sparse_scatter_row, takes_whole_row
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
-                    csr_matmul_rows, dense_value, matmul_rows, output_delta_rows,
+                    csr_matmul_rows, decoded, dense_value, matmul_rows, output_delta_rows,
                     weight_grad_rows)
 
 
@@ -106,23 +106,26 @@ def sparse_grad_uses_csc(n_units):
 
 
 @njit(cache=True, error_model="numpy")
-def weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touched):
+def weight_grad_scatter(indptr, parts, c, k0, k1, indices, values, rows, r0, r1, D, dW, db,
+                        touched):
     """First-layer weight gradient for a sparse input, touching only nonzero pixels.
 
     dW[k] = sum of x D[r] over the nonzeros x = X[rows[r], k], in ascending r
-    (deterministic), for every pixel k nonzero in some row r0..r1-1; other rows
-    of dW are not written: touched[k] = False says so, and their gradient is
+    (deterministic), for every pixel k nonzero in some row r0..r1-1, where a row's
+    nonzeros are its part c (columns k0..k1-1) as csr_matmul_rows reads it
+    (parts = 1, c = 0, k0 = 0, k1 = n_in: all of them); other rows of dW are not
+    written: touched[k] = False (k0 <= k < k1) says so, and their gradient is
     exactly zero. db = column sums of D.
 
     Each nonzero is added into its row of dW, row after row; D[r] stays in vector
     registers while its row's nonzeros are added (kernels/simd.py's
     sparse_scatter_row), and a row of dW seen for the first time is written, not
     added to. weight_grad_csc gives the same bits another way."""
-    for k in range(dW.shape[0]):
+    for k in range(k0, k1):
         touched[k] = False
     for r in range(r0, r1):
-        src = rows[r]
-        p0, p1 = indptr[src], indptr[src + 1]
+        q = rows[r] * parts + c
+        p0, p1 = indptr[q], indptr[q + 1]
         sparse_scatter_row(dW, touched, D, r, indices, values, p0, p1)
         for p in range(p0, p1):
             touched[indices[p]] = True
@@ -130,45 +133,44 @@ def weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touche
 
 
 @njit(cache=True, error_model="numpy")
-def weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched, cptr, crow,
-                    cval):
+def weight_grad_csc(indptr, parts, c, k0, k1, indices, values, rows, r0, r1, D, dW, db, touched,
+                    cptr, crow, cval):
     """weight_grad_scatter's gradient (the same bits) by first sorting the chunk's
     rows by pixel, so that each dW[k] is summed in vector registers from the rows
     of D, which stay in L1, and written once. Column k's entries go to slots
-    k * R .. k * R + cptr[k] - 1 of crow and cval (R = r1 - r0 rows: a column has
-    at most one entry a row), in row order; cptr (at least n_in) counts them and
-    crow and cval hold at least R * n_in. For wide layers this beats reading and
-    writing dW's row for every nonzero (the scatter): one MNIST epoch of
-    first-layer forward products and weight gradients, one thread, batch chunks of
-    100, on an Intel Xeon (2 MiB L2): 0.142 against 0.171 s (100 units).
+    (k - k0) * R .. (k - k0) * R + cptr[k] - 1 of crow and cval (R = r1 - r0 rows: a
+    column has at most one entry a row), in row order; cptr (at least k1) counts
+    them and crow and cval hold at least R * (k1 - k0). For wide layers this beats
+    reading and writing dW's row for every nonzero (the scatter): one MNIST epoch
+    of first-layer forward products and weight gradients, one thread, batch chunks
+    of 100, on an Intel Xeon (2 MiB L2): 0.142 against 0.171 s (100 units).
 
     Fixed slots per column, rather than a counting sort's packed runs, need no
     counting pass and no prefix sum: 100 MNIST rows (3,050 nonzeros) after their
     forward product, 100 units, one thread, Zen 4: 21.7-22.6 against 25.4-26.0 us.
     """
-    n_in = dW.shape[0]
     R = r1 - r0
-    for k in range(n_in):
+    for k in range(k0, k1):
         cptr[k] = 0
     for r in range(r0, r1):
-        src = rows[r]
-        for p in range(indptr[src], indptr[src + 1]):
+        q = rows[r] * parts + c
+        for p in range(indptr[q], indptr[q + 1]):
             k = indices[p]
-            q = k * R + cptr[k]
-            crow[q] = r
-            cval[q] = values[p]
+            s = (k - k0) * R + cptr[k]
+            crow[s] = r
+            cval[s] = values[p]
             cptr[k] += 1
     # Each pixel's run is short (about B/5 rows): calling sparse_combine_row for
     # each cost more than the one-pass rows gain, so the intrinsic is called here
     # (0.052-0.055 -> 0.049 s an epoch at 100 units, one thread, Zen 5).
     whole = takes_whole_row(D)
-    for k in range(n_in):
+    for k in range(k0, k1):
         n = cptr[k]
         touched[k] = n > 0
         if n > 0:
             # start and end are int64 (R is): a bare literal would have typed the
             # call with Literal[int] and compiled a second sparse_combine_row.
-            start = k * R
+            start = (k - k0) * R
             if whole:
                 combine_whole_row(dW, k, crow, cval, start, start + n, D)
             else:
@@ -187,7 +189,7 @@ CSR_MATMUL, MATMUL, BIAS_ACTIVATE, BACKPROP, WEIGHT_GRAD, SPARSE_GRAD = range(6)
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices, values, Y,
                            order, batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval,
-                           tiny, top, loss_parts, correct_parts, fns):
+                           tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts):
     """Forward and backward for chunk t of the batch of rows order[start:start+nb],
     (start, nb) = batch: its rows r0..r1-1, one of loss_parts.shape[0] equal
     shares. Writes the chunk's summed loss and number correct into loss_parts[t]
@@ -196,7 +198,12 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     first layer. X is a dense input, or a sparse input's dense columns (none:
     shape (1, 0)), gathered into A0 batch row by batch row: as they are, or where
     X is uint8 (8-bit levels, see fastmlp/_numba_backend.levels_of), each level
-    divided by levels, which gives back the input's values exactly."""
+    divided by levels, which gives back the input's values exactly.
+
+    With the first layer split by input columns (Ps, cut_ptr and cuts not None: see
+    chunk_partial_forward), its products are the chunks' partial sums Ps[c, 0],
+    added here in chunk order, and its weight gradient is left to
+    chunk_layer1_grad; this writes its bias gradient's partial sums."""
     start, nb = batch[0], batch[1]
     n_chunks = loss_parts.shape[0]
     r0 = t * nb // n_chunks
@@ -204,32 +211,44 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     rows = order[start:]
     L = len(Ws)
     n_out = Y.shape[1]
+    one, zero = np.int64(1), np.int64(0)
     for r in range(r0, r1):
         src = rows[r]
         for j in range(n_out):
             Yb[r, j] = Y[src, j]
-    # A sparse input's first n_dense columns (in W_1's row order) are dense: X
-    # holds them, and they go through the dense products (see above). X's columns
-    # (a dense input's all, a sparse input's dense ones, or none) are gathered by
-    # one loop for both kinds of input: compiled once (with 8-bit levels, a
-    # vectorised division), not once for each.
-    n_dense = X.shape[1] if sparse else 0
-    for r in range(r0, r1):
-        src = rows[r]
-        for k in range(X.shape[1]):
-            A0[r, k] = dense_value(X, src, k, levels)
     ok = True
-    if sparse:
-        ok &= call_at(fns[CSR_MATMUL], (indptr, indices, values, rows, Ws[0], As[0], r0, r1))
-        if n_dense > 0:
-            # Ds[0] is free until the backward step writes it.
-            ok &= call_at(fns[MATMUL], (A0, Ws[0][:n_dense], Ds[0], r0, r1))
-            S, P = As[0], Ds[0]
-            for r in range(r0, r1):
+    if Ps is not None:
+        S = As[0]
+        for r in range(r0, r1):
+            for j in range(S.shape[1]):
+                S[r, j] = Ps[0, 0, r, j]
+            for c in range(1, n_chunks):
                 for j in range(S.shape[1]):
-                    S[r, j] += P[r, j]
+                    S[r, j] += Ps[c, 0, r, j]
+        n_dense = 0
     else:
-        ok &= call_at(fns[MATMUL], (A0, Ws[0], As[0], r0, r1))
+        # A sparse input's first n_dense columns (in W_1's row order) are dense: X
+        # holds them, and they go through the dense products (see above). X's
+        # columns (a dense input's all, a sparse input's dense ones, or none) are
+        # gathered by one loop for both kinds of input: compiled once (with 8-bit
+        # levels, a vectorised division), not once for each.
+        n_dense = X.shape[1] if sparse else 0
+        for r in range(r0, r1):
+            src = rows[r]
+            for k in range(X.shape[1]):
+                A0[r, k] = dense_value(X, src, k, levels)
+        if sparse:
+            ok &= call_at(fns[CSR_MATMUL], (indptr, one, zero, indices, values, rows, Ws[0],
+                                            As[0], r0, r1))
+            if n_dense > 0:
+                # Ds[0] is free until the backward step writes it.
+                ok &= call_at(fns[MATMUL], (A0, Ws[0][:n_dense], Ds[0], r0, r1))
+                S, P = As[0], Ds[0]
+                for r in range(r0, r1):
+                    for j in range(S.shape[1]):
+                        S[r, j] += P[r, j]
+        else:
+            ok &= call_at(fns[MATMUL], (A0, Ws[0], As[0], r0, r1))
     ok &= call_at(fns[BIAS_ACTIVATE], (acts[0], bs[0], As[0], r0, r1))
     for l in range(1, L):
         ok &= call_at(fns[MATMUL], (As[l - 1], Ws[l], As[l], r0, r1))
@@ -239,12 +258,15 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     for l in range(L - 1, 0, -1):
         ok &= call_at(fns[BACKPROP], (Ds[l], Ws[l], As[l - 1], acts[l - 1], Ds[l - 1], r0, r1))
         ok &= call_at(fns[WEIGHT_GRAD], (As[l - 1], Ds[l], dWs[l][t], dbs[l][t], r0, r1))
-    if sparse:
+    if Ps is not None:
+        column_sums_rows(Ds[0], dbs[0][t], r0, r1)
+    elif sparse:
         # cptr is None for layers the scatter takes: numba then drops the other
         # branch before typing it, so a process compiles only the way it uses
         # (seed000, empty cache, alternating processes: 36.0, 36.2, 33.3 s to the
         # end of a first epoch with both compiled, 34.5, 28.5, 34.2 s without).
-        grad = (indptr, indices, values, rows, r0, r1, Ds[0], dWs[0][t], dbs[0][t], touched[t])
+        grad = (indptr, one, zero, zero, np.int64(Ws[0].shape[0]), indices, values, rows, r0,
+                r1, Ds[0], dWs[0][t], dbs[0][t], touched[t])
         if cptr is None:
             ok &= call_at(fns[SPARSE_GRAD], grad)
         else:
@@ -262,6 +284,91 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
                            "argument types, or failed")
     loss_parts[t] = total
     correct_parts[t] = correct
+
+
+@njit(error_model="numpy", inline="always")
+def _dense_part(A0, t, d0, d1, B):
+    """Chunk t's gathered dense columns d0..d1-1 (of a split first layer): a (B, d1 -
+    d0) C-contiguous view of its row of A0."""
+    return A0[t, :B * (d1 - d0)].reshape((B, d1 - d0))
+
+
+# Called only through its address from train_epoch, like chunk_forward_backward.
+@njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices, values, Y,
+                          order, batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval,
+                          tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts):
+    """With the first layer split by input columns (a sparse input on two or more
+    chunks): chunk t's partial product of the whole batch, over its own columns
+    (W_1's rows) only, Ps[t, 0] = X[:, own] W_1[own]. Chunk t owns the dense
+    columns cuts[t, 0] .. cuts[t + 1, 0] - 1 (gathered into its row of A0, and
+    multiplied by the dense products) and the CSR columns cuts[t, 1] ..
+    cuts[t + 1, 1] - 1 (part t of each row of cut_ptr: csr_column_cuts).
+    chunk_forward_backward adds the chunks' sums, chunk_layer1_grad computes the
+    gradient of each chunk's own rows of W_1 from the whole batch's delta, and
+    update_share updates them: W_1's rows never leave their chunk's core, where
+    splitting the batch's rows moved W_1 and the partial gradients between the
+    cores every batch (see the README, Speed)."""
+    start, nb = batch[0], batch[1]
+    rows = order[start:]
+    parts = np.int64(cuts.shape[0] - 1)
+    B = As[0].shape[0]
+    d0, d1 = cuts[t, 0], cuts[t + 1, 0]
+    P, Q = Ps[t, 0], Ps[t, 1]
+    zero = np.int64(0)
+    ok = call_at(fns[CSR_MATMUL], (cut_ptr, parts, t, indices, values, rows, Ws[0], P, zero,
+                                   nb))
+    if d1 > d0:
+        A = _dense_part(A0, t, d0, d1, B)
+        for r in range(nb):
+            # Through row views: indexing X[src, d0 + k] and A[r, k] directly, the
+            # loop did not vectorise (200 MNIST rows, 114 columns of levels: 30-39
+            # against 6 us).
+            x, a = X[rows[r], d0:d1], A[r]
+            for k in range(d1 - d0):
+                a[k] = decoded(x[k], levels)
+        ok &= call_at(fns[MATMUL], (A, Ws[0][d0:d1], Q, zero, nb))
+        for r in range(nb):
+            for j in range(P.shape[1]):
+                P[r, j] += Q[r, j]
+    if not ok:
+        raise RuntimeError("chunk_partial_forward: a kernel in fns was compiled for other "
+                           "argument types, or failed")
+
+
+# Called only through its address from train_epoch, like chunk_forward_backward.
+@njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def chunk_layer1_grad(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices, values, Y,
+                      order, batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval,
+                      tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts):
+    """With the first layer split by input columns (see chunk_partial_forward): the
+    whole batch's weight gradient of chunk t's own rows of W_1, into those rows of
+    dWs[0][0] (each chunk writes its own), and touched[0] for its CSR rows."""
+    start, nb = batch[0], batch[1]
+    rows = order[start:]
+    parts = np.int64(cuts.shape[0] - 1)
+    B = As[0].shape[0]
+    d0, d1 = cuts[t, 0], cuts[t + 1, 0]
+    zero = np.int64(0)
+    # The column sums the gradient kernels also write go to a row of Ps[t, 1],
+    # free until the next batch: dbs holds the bias's partial sums, which another
+    # chunk may be reading.
+    scratch = Ps[t, 1, 0]
+    dW = dWs[0][0]
+    grad = (cut_ptr, parts, t, cuts[t, 1], cuts[t + 1, 1], indices, values, rows, zero, nb,
+            Ds[0], dW, scratch, touched[0])
+    if cptr is None:
+        ok = call_at(fns[SPARSE_GRAD], grad)
+    else:
+        ok = call_at(fns[SPARSE_GRAD], grad + (cptr[t], crow[t], cval[t]))
+    if d1 > d0:
+        A = _dense_part(A0, t, d0, d1, B)
+        ok &= call_at(fns[WEIGHT_GRAD], (A, Ds[0], dW[d0:d1], scratch, zero, nb))
+        for k in range(d0, d1):
+            touched[0, k] = True
+    if not ok:
+        raise RuntimeError("chunk_layer1_grad: a kernel in fns was compiled for other "
+                           "argument types, or failed")
 
 
 def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, dWs, dbs,
@@ -284,8 +391,9 @@ def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, 
     put(WEIGHT_GRAD, weight_grad_rows, As[0], Ds[0], dWs[0][0], dbs[0][0], i, i)
     if sparse:
         rows = order[0:]
-        put(CSR_MATMUL, csr_matmul_rows, indptr, indices, values, rows, Ws[0], As[0], i, i)
-        grad = (indptr, indices, values, rows, i, i, Ds[0], dWs[0][0], dbs[0][0], touched[0])
+        put(CSR_MATMUL, csr_matmul_rows, indptr, i, i, indices, values, rows, Ws[0], As[0], i, i)
+        grad = (indptr, i, i, i, i, indices, values, rows, i, i, Ds[0], dWs[0][0], dbs[0][0],
+                touched[0])
         if cptr is None:
             put(SPARSE_GRAD, weight_grad_scatter, *grad)
         else:
@@ -370,7 +478,7 @@ def add_into(a, b):
 # Called only through its address from train_epoch, like chunk_forward_backward.
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs, vbs, sq_parts,
-                 ofn):
+                 ofn, cuts):
     """Apply the summed partial gradients to chunk t's share (one of
     sq_parts.shape[0]) of all weight rows (every layer's W rows, then its bias as
     one more row). Writes the share's sum of squared weights before the update into
@@ -383,6 +491,12 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
     for plain SGD without L2 (the caller knows): numba then drops every other
     optimiser's branches (each `if ofn is None`) before compiling, and compiles
     neither them nor optimizer_row for a process that only trains with plain SGD.
+
+    With the first layer split by input columns (cuts not None: see
+    chunk_partial_forward), chunk t first updates its own rows of W_1 (cuts[t, 0] ..
+    cuts[t + 1, 0] - 1 and cuts[t, 1] .. cuts[t + 1, 1] - 1) from their whole
+    gradient in dWs[0][0] (chunk_layer1_grad's), and the shares are of all other
+    rows (b_1's and every later layer's).
 
     Plain SGD without L2 takes the short path W -= (lr / B) * sum, and with a
     sparse input skips rows of W_1 no chunk touched (their gradient is zero);
@@ -398,20 +512,49 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
     L = len(Ws)
     zero = decay - decay  # biases have no L2 term; a literal 0 would be int64
     lr_b = lr * inv_n
+    sq = 0.0
+    ok = True
+    own0 = False
+    if cuts is not None:
+        own0 = True
+        W1 = Ws[0]
+        G1 = dWs[0][0]
+        n1 = W1.shape[1]
+        W1f, G1f = W1.reshape(W1.size), G1.reshape(G1.size)
+        for part in range(2):
+            a, e = cuts[t, part], cuts[t + 1, part]
+            if ofn is None:
+                for k in range(a, e):
+                    if touched[0, k]:
+                        for j in range(n1):
+                            W1[k, j] -= lr_b * G1[k, j]
+            elif e > a:
+                # A row no nonzero reached holds another batch's numbers.
+                for k in range(a, e):
+                    if not touched[0, k]:
+                        for j in range(n1):
+                            G1[k, j] = zero
+                if decay > 0:
+                    sq += sum_squares(W1f[a * n1:e * n1])
+                ok &= call_at(ofn, (W1f[a * n1:e * n1], G1f[a * n1:e * n1],
+                                    G1f[a * n1:e * n1],
+                                    Ms[0].reshape(G1.size)[a * n1:e * n1],
+                                    Vs[0].reshape(G1.size)[a * n1:e * n1], opt, inv_n,
+                                    decay, lr, mu, b1, b2, c1, c2, eps, False))
     total_rows = 0
     for l in range(L):
-        total_rows += Ws[l].shape[0] + 1
+        total_rows += (0 if own0 and l == 0 else Ws[l].shape[0]) + 1
     lo = t * total_rows // n_chunks
     hi = (t + 1) * total_rows // n_chunks
     base = 0
-    sq = 0.0
-    ok = True
     for l in range(L):
         W = Ws[l]
         dW = dWs[l]
         n_in, n_out = W.shape
-        k0 = max(lo, base) - base
-        k1 = min(hi, base + n_in + 1) - base
+        # Layer 0's weight rows are no one's share where each chunk updated its own.
+        off = n_in if own0 and l == 0 else 0
+        k0 = max(lo, base) - base + off
+        k1 = min(hi, base + n_in + 1 - off) - base + off
         kw1 = min(k1, n_in)
         if ofn is None and l == 0 and sparse and n_chunks <= 2:
             # The general loop below for the commonest case, the same sums: with
@@ -511,7 +654,7 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
             else:
                 ok &= call_at(ofn, (b, db[0], db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1,
                                     b2, c1, c2, eps, False))
-        base += n_in + 1
+        base += n_in + 1 - off
     if not ok:
         raise RuntimeError("update_share: optimizer_row's ofn was compiled for other "
                            "argument types")
@@ -550,35 +693,41 @@ def _set_up_batch(b, n, batch_size, lr, opt, hyper, step, batch, scalars):
 
 
 @njit(error_model="numpy", inline="always")
-def _step(tramp, block, k, lo, hi, called, ctl, workers, gen):
-    """One of a batch's two steps: the packed kernel for chunks lo..hi-1 (their
-    statuses into called[k]), with subnormals flushed, then the barrier."""
+def _run(tramp, block, k, lo, hi, called):
+    """The packed kernel for chunks lo..hi-1 (their statuses into called[k]), with
+    subnormals flushed."""
     fp = flush_subnormals()
     for c in range(lo, hi):
         called[k, c] = call_packed(tramp, block, c)
     restore_fp_state(fp)
-    return barrier(ctl, workers, gen)
 
 
-# Called only through its address (from run_chunks), like the two kernels it calls:
+# Rows of called: each chunk's status from each of its kernels.
+CALLED_FB, CALLED_UP, CALLED_PARTIAL, CALLED_GRAD = range(4)
+
+
+# Called only through its address (from run_chunks), like the kernels it calls:
 # compiled inside the parallel loop, it cost cold starts 0.3-8 s more (three).
 @njit(cache=True, error_model="numpy", nogil=True, no_cpython_wrapper=True,
       no_cfunc_wrapper=True)
-def chunk_batches(t, fb_tramp, fb_block, up_tramp, up_block, ctl, n, batch_size, b0, b1, lr,
-                  opt, hyper, step, interrupt, batch, scalars, loss_parts, correct_parts,
-                  sq_parts, called, out):
-    """Chunk t's part of train_epoch: batches b0..b1-1, both steps of each, with
+def chunk_batches(t, fb_tramp, fb_block, up_tramp, up_block, pf_tramp, pf_block, g_tramp,
+                  g_block, ctl, n, batch_size, b0, b1, lr, opt, hyper, step, interrupt, batch,
+                  scalars, loss_parts, correct_parts, sq_parts, called, out):
+    """Chunk t's part of train_epoch: batches b0..b1-1, every step of each, with
     subnormals flushed inside the kernels. The chunks that do chunk 0's work (the
     leader) set up each batch and keep the totals, in the caller's floating-point
     state; every chunk reads the same loss_parts and called after a barrier, so all
-    of them stop at the same batch. called[0, c] and called[1, c] say whether chunk
-    c's two kernels returned normally: two rows, so that no chunk writes a cell
+    of them stop at the same batch. called[k, c] says whether chunk c's kernel k
+    (CALLED_*) returned normally: a row each, so that no chunk writes a cell
     another may still be reading (a failed update read as a failed forward would
     stop one chunk and leave the others waiting).
 
     Each batch: the leader sets it up; barrier; forward; barrier; every chunk reads
     the losses and statuses; update; barrier (the next batch's forward reads the
-    weights).
+    weights). With the first layer split by input columns (pf_tramp not 0: see
+    chunk_partial_forward), the forward is two steps with a barrier between them
+    (chunk_partial_forward, then chunk_forward_backward), and the update starts
+    with chunk_layer1_grad (g_tramp).
     """
     n_chunks = called.shape[1]
     mode = check_in(ctl, n_chunks)
@@ -588,6 +737,7 @@ def chunk_batches(t, fb_tramp, fb_block, up_tramp, up_block, ctl, n, batch_size,
     if mode == ALL:
         lo, hi, workers = 0, n_chunks, 1
     leader = lo == 0
+    split = pf_tramp != 0
     total = 0.0
     correct = 0
     gen = 0
@@ -601,12 +751,18 @@ def chunk_batches(t, fb_tramp, fb_block, up_tramp, up_block, ctl, n, batch_size,
         gen = barrier(ctl, workers, gen)
         if ctl[STOP] != 0:
             break
-        gen = _step(fb_tramp, fb_block, 0, lo, hi, called, ctl, workers, gen)
+        if split:
+            _run(pf_tramp, pf_block, CALLED_PARTIAL, lo, hi, called)
+            gen = barrier(ctl, workers, gen)
+        _run(fb_tramp, fb_block, CALLED_FB, lo, hi, called)
+        gen = barrier(ctl, workers, gen)
         failed = False
         batch_loss = 0.0
         batch_correct = 0
         for c in range(n_chunks):
-            failed |= not called[0, c]
+            failed |= not called[CALLED_FB, c]
+            if split:
+                failed |= not called[CALLED_PARTIAL, c]
             batch_loss += loss_parts[c]
             batch_correct += correct_parts[c]
         if failed or not np.isfinite(batch_loss):
@@ -615,9 +771,14 @@ def chunk_batches(t, fb_tramp, fb_block, up_tramp, up_block, ctl, n, batch_size,
                 out[BAD] = KERNEL_FAILED if failed else b
                 out[DONE] = b
             break
-        gen = _step(up_tramp, up_block, 1, lo, hi, called, ctl, workers, gen)
+        if split:
+            _run(g_tramp, g_block, CALLED_GRAD, lo, hi, called)
+        _run(up_tramp, up_block, CALLED_UP, lo, hi, called)
+        gen = barrier(ctl, workers, gen)
         for c in range(n_chunks):
-            failed |= not called[1, c]
+            failed |= not called[CALLED_UP, c]
+            if split:
+                failed |= not called[CALLED_GRAD, c]
         if failed:
             if leader:
                 out[BAD] = KERNEL_FAILED
@@ -653,7 +814,7 @@ def batches_kernel(forward_args, update_extra, called):
     i, x = np.int64(0), np.float64(0)
     ints = np.zeros(1, dtype=np.int64)
     return native.address(chunk_batches, (
-        i, i, i, i, i, ints, i, i, i, i, x, i, np.zeros(1), ints, ints, fa[FB_BATCH],
+        i, i, i, i, i, i, i, i, i, ints, i, i, i, i, x, i, np.zeros(1), ints, ints, fa[FB_BATCH],
         update_extra[0], fa[FB_LOSS_PARTS], fa[FB_CORRECT_PARTS], update_extra[5], called,
         np.zeros(1)))
 
@@ -662,6 +823,7 @@ def batches_kernel(forward_args, update_extra, called):
 # that train_epoch and update_share use too.
 FB_WS, FB_BS, FB_SPARSE, FB_ORDER, FB_BATCH = 0, 1, 6, 11, 12
 FB_DWS, FB_DBS, FB_TOUCHED, FB_LOSS_PARTS, FB_CORRECT_PARTS = 17, 18, 19, 25, 26
+FB_CUTS = 30
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
@@ -712,12 +874,15 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     # order is caught by the signature key (WRONG_SIGNATURE).
     update_args = (fa[FB_WS], fa[FB_BS], fa[FB_DWS], fa[FB_DBS], fa[FB_SPARSE], fa[FB_TOUCHED],
                    opt, scalars, update_extra[1], update_extra[2], update_extra[3],
-                   update_extra[4], sq_parts, update_extra[6])
+                   update_extra[4], sq_parts, update_extra[6], fa[FB_CUTS])
     n = order.shape[0]
     # The kernels' long argument lists are packed once; the parallel region passes
     # only the packed blocks and the chunk number (see fastmlp.kernels.native).
     fb = pack_call(kernels[0], kernels[1], forward_args)
     up = pack_call(kernels[2], kernels[3], update_args)
+    # The first layer split by input columns: its two kernels (else addresses 0).
+    pf = pack_call(kernels[6], kernels[7], forward_args)
+    g = pack_call(kernels[8], kernels[9], forward_args)
     for i in range(ctl.shape[0]):
         ctl[i] = 0
     # Read after the chunks have run (below), so numba keeps it until then.
@@ -725,9 +890,10 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     out[BAD] = -1
     out[DONE] = b1
     cb = pack_call(kernels[4], kernels[5], (
-        fb[0], fb[1], up[0], up[1], ctl, n, batch_size, b0, b1, lr, opt, hyper, step, interrupt,
+        fb[0], fb[1], up[0], up[1], pf[0], pf[1], g[0], g[1], ctl, n, batch_size, b0, b1, lr, opt, hyper, step, interrupt,
         fa[FB_BATCH], scalars, loss_parts, correct_parts, sq_parts, called, out))
-    if fb[0] == 0 or up[0] == 0 or cb[0] == 0:
+    if fb[0] == 0 or up[0] == 0 or cb[0] == 0 or (kernels[6] != 0 and (pf[0] == 0 or
+                                                                       g[0] == 0)):
         return 0.0, 0, WRONG_SIGNATURE, b0
     ran = np.zeros(called.shape[1], dtype=np.bool_)
     run_chunks(cb[0], cb[1], ran)

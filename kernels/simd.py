@@ -408,11 +408,10 @@ def prefetch(typingctx, a, i):
 
 
 @njit(cache=True, error_model="numpy")
-def prefetch_csr_row(indptr, indices, values, src):
-    """Prefetch row src of a CSR matrix (its column indices and values): rows of a
-    shuffled batch are scattered over the training set, and the hardware
-    prefetcher only catches on after a few lines of each."""
-    p0, p1 = indptr[src], indptr[src + 1]
+def prefetch_csr_part(indices, values, p0, p1):
+    """Prefetch the nonzeros p0..p1-1 of a CSR matrix (their column indices and
+    values): rows of a shuffled batch are scattered over the training set, and the
+    hardware prefetcher only catches on after a few lines of each."""
     step = 64 // indices.itemsize
     for p in range(p0, p1, step):
         prefetch(indices, p)

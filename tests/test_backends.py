@@ -100,7 +100,7 @@ def _epoch_against_reference(sizes, acts, loss, threads, chunks=None):
         engine.prepare(X, Y)
         if chunks is not None:
             engine._allocate(chunks)
-            assert engine.called.shape == (2, chunks)
+            assert engine.called.shape == (4, chunks)
         t_got, c_got, bad, done = engine.train_batches(order, bs, 0, -(-n // bs), 0.1)
     # NETS covers both sparse weight gradients of the compiled epoch.
     from fastmlp.kernels.epoch import sparse_grad_uses_csc

@@ -67,8 +67,40 @@ def test_csr_matmul_rows(dtype):
         W = rand(rng, (n_in, n_out), dtype)
         rows = rng.permutation(B + 5)[:B].astype(np.int64)
         out = np.full((B, n_out), np.nan, dtype=dtype)
-        dense.csr_matmul_rows(*to_csr(X), rows, W, out, 0, B)
+        indptr, indices, values = to_csr(X)
+        dense.csr_matmul_rows(indptr, 1, 0, indices, values, rows, W, out, 0, B)
         np.testing.assert_allclose(out, X[rows] @ W, **TOL[dtype])
+        # Each row cut at columns into parts (a first layer split between chunks
+        # by input columns): part c is the product of those columns alone.
+        for parts in (2, 3):
+            cuts = np.array([0] + sorted(rng.integers(0, n_in + 1, parts - 1)) + [n_in])
+            cut_ptr = _column_cuts(indptr, indices, cuts)
+            for c in range(parts):
+                out[:] = np.nan
+                dense.csr_matmul_rows(cut_ptr, parts, c, indices, values, rows, W, out, 0, B)
+                a, e = cuts[c], cuts[c + 1]
+                np.testing.assert_allclose(out, X[rows][:, a:e] @ W[a:e], **TOL[dtype])
+
+
+def _column_cuts(indptr, indices, cuts):
+    """dense.csr_column_cuts, checked against a NumPy twin: each row's nonzeros cut
+    at the columns cuts[1..-2]."""
+    parts, n = len(cuts) - 1, len(indptr) - 1
+    out = np.full(n * parts + 1, -1, np.int64)
+    dense.csr_column_cuts(indptr, indices, np.asarray(cuts, np.int64), out)
+    twin = [indptr[i] + np.searchsorted(indices[indptr[i]:indptr[i + 1]], cuts[c])
+            for i in range(n) for c in range(parts)] + [indptr[n]]
+    np.testing.assert_array_equal(out, twin)
+    return out
+
+
+def test_csr_column_cuts_edges():
+    """Cuts at the first and past the last column, equal cuts (an empty part), and
+    empty rows."""
+    X = np.array([[0, 1, 0, 2], [0, 0, 0, 0], [3, 0, 0, 4], [5, 6, 7, 8]], np.float64)
+    indptr, indices, _ = to_csr(X)
+    for cuts in ([0, 0, 4], [0, 4, 4], [0, 2, 2, 4], [0, 1, 2, 3, 4], [0, 4]):
+        _column_cuts(indptr, indices, cuts)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -223,11 +255,9 @@ def test_weight_grad_sparse(dtype, way):
         cptr = np.full(n_in, 7, np.int64)
         crow = np.full((r1 - r0) * n_in, 3, np.int32)
         cval = np.full((r1 - r0) * n_in, np.nan, dtype)
-        if way == "weight_grad_scatter":
-            epoch.weight_grad_scatter(indptr, indices, values, rows, r0, r1, D, dW, db, touched)
-        else:
-            epoch.weight_grad_csc(indptr, indices, values, rows, r0, r1, D, dW, db, touched,
-                                  cptr, crow, cval)
+        grad = getattr(epoch, way)
+        work = () if way == "weight_grad_scatter" else (cptr, crow, cval)
+        grad(indptr, 1, 0, 0, n_in, indices, values, rows, r0, r1, D, dW, db, touched, *work)
         Xb = X[rows[r0:r1]]
         np.testing.assert_array_equal(touched, (Xb != 0).any(axis=0))
         assert np.isnan(dW[~touched]).all()     # untouched rows are not written
@@ -236,6 +266,22 @@ def test_weight_grad_sparse(dtype, way):
         ref = np.full_like(dW, np.nan)
         _scatter_weight_grad(indptr, indices, values, rows, r0, r1, D, ref)
         np.testing.assert_array_equal(dW[touched], ref[touched])   # same sums, same order
+        # Part c of rows cut at columns (a first layer split between chunks by input
+        # columns): only rows a..e-1 of dW and of touched are written, the same sums.
+        cuts = np.array([0] + sorted(rng.integers(0, n_in + 1, 2)) + [n_in])
+        cut_ptr = _column_cuts(indptr, indices, cuts)
+        for c in range(3):
+            a, e = cuts[c], cuts[c + 1]
+            part = np.full_like(dW, np.nan)
+            seen = np.ones(n_in, np.bool_)
+            cptr[:] = 7
+            grad(cut_ptr, 3, c, a, e, indices, values, rows, r0, r1, D, part, db, seen, *work)
+            np.testing.assert_array_equal(seen[a:e], touched[a:e])
+            assert seen[:a].all() and seen[e:].all()
+            assert np.isnan(part[:a]).all() and np.isnan(part[e:]).all()
+            mine = np.zeros(n_in, np.bool_)
+            mine[a:e] = touched[a:e]
+            np.testing.assert_array_equal(part[mine], ref[mine])
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])

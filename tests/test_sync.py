@@ -134,11 +134,13 @@ def test_barrier_holds_every_chunk_until_all_arrive():
 
 
 @needs_two
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("sizes,acts,loss", NETS[:3])
-def test_epoch_with_its_chunks_on_one_thread_gives_the_same_bytes(sizes, acts, loss):
+def test_epoch_with_its_chunks_on_one_thread_gives_the_same_bytes(sizes, acts, loss, optimizer):
     """Workspaces for two chunks, run with one numba thread: the chunks run one
     after the other, the first does both chunks' work (check_in's ALL), and the
-    weights are those of two threads, to the bit."""
+    weights are those of two threads, to the bit. With Adam a sparse first layer
+    is split between the chunks by input columns (four steps a batch)."""
     rng = np.random.default_rng(3)
     n, bs = 301, 40
     X = inputs(rng, n, sizes[0]).astype(np.float32)
@@ -148,10 +150,12 @@ def test_epoch_with_its_chunks_on_one_thread_gives_the_same_bytes(sizes, acts, l
     results = []
     for serial in (False, True):
         m = copy.deepcopy(model)
-        engine = fastmlp.Trainer(m, loss=loss, lr=0.1, batch_size=bs, threads=2)._get_engine()
+        engine = fastmlp.Trainer(m, loss=loss, lr=0.1, batch_size=bs, threads=2,
+                                 optimizer=optimizer)._get_engine()
         with engine.threads_context():
             engine.prepare(X, Y)
-            assert engine.called.shape == (2, 2)
+            assert engine.called.shape == (4, 2)
+            assert (engine.cuts is not None) == (engine.sparse and optimizer == "adam")
             with num_threads(1 if serial else 2):
                 total, correct, bad, done = engine.train_batches(order, bs, 0, -(-n // bs), 0.1)
         assert (bad, done) == (-1, -(-n // bs))
