@@ -156,8 +156,9 @@ def dense_columns(counts, rows, density=DENSE_COLUMN_DENSITY):
 
 # Whether a sparse input's first layer is split between the threads by input
 # columns (each thread owns its rows of W_1, and its optimiser moments) rather
-# than by batch rows, for every optimiser but plain SGD without L2: see
-# fastmlp.kernels.epoch.chunk_partial_forward and the README, Speed.
+# than by batch rows, for the optimisers that keep moments (momentum, Nesterov,
+# Adam): see fastmlp.kernels.epoch.chunk_partial_forward and the README, Speed
+# (for SGD, with or without L2, it measured about 3% slower in quiet minutes).
 SPLIT_FEATURES = True
 
 
@@ -258,7 +259,8 @@ class Engine:
     def splits_features(self, T):
         """Whether the first layer is split between T chunks by input columns (see
         SPLIT_FEATURES)."""
-        return self.sparse and T >= 2 and SPLIT_FEATURES and not self._plain_sgd()
+        return (self.sparse and T >= 2 and SPLIT_FEATURES
+                and self.optimizer.code != epoch.SGD)
 
     def _cut_columns(self, T):
         """For a first layer split by input columns between T chunks (else both

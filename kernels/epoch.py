@@ -10,7 +10,18 @@ each other:
 2. for its contiguous share of all weight rows, W -= lr/B * (partial_0 +
    partial_1 + ...), summed in chunk order.
 No two threads ever write the same number, so for a given n_chunks (thread
-count) the result is bit for bit the same on every run. (Each step used to be a
+count) the result is bit for bit the same on every run.
+
+A sparse input's first layer, trained with an optimiser that keeps moments
+(momentum, Nesterov, Adam), on two or more chunks, is split between the chunks by input columns instead
+(chunk_partial_forward): each chunk owns a share of W_1's rows (and of their
+moments), multiplies the whole batch by them (a partial product; barrier),
+then, for its own batch rows as above, adds the chunks' partial products and
+does the rest of the forward and backward (barrier), then computes the whole
+batch's gradient of its own rows of W_1 (chunk_layer1_grad) and updates them,
+and its share of the other rows (update_share; barrier). W_1, its moments and
+its gradient never leave their chunk's core; what crosses is each chunk's
+partial product and delta rows (B x n_1 numbers, not n_in x n_1). (Each step used to be a
 parallel region of its own, two forks and joins of the thread pool a batch:
 seed002's epochs were 3-6% slower, measured alternately in one process on 2
 threads; seed000's and the estimator's no different within the noise.)
@@ -839,12 +850,14 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     (numba's wrapper unboxes every array it is passed, about 10 ms of a cold start
     each; a register_jitable builder shared with the Engine cost 0.6 s more).
     kernels holds the (address, signature key) of both kernels, compiled for
-    exactly those argument types (fastmlp.kernels.native.address), and of
-    chunk_batches (batches_kernel), which runs them batch after batch. Of the arrays
+    exactly those argument types (fastmlp.kernels.native.address), of
+    chunk_batches (batches_kernel), which runs them batch after batch, and of
+    chunk_partial_forward and chunk_layer1_grad (compiled for forward_args too)
+    where the first layer is split by input columns (else (0, -1) each). Of the arrays
     in those tuples, train_epoch writes order's batch bounds into batch (int64, 2:
     start and size) and the step's scalars (the parameters' dtype, 9), and reads the
     loss_parts, correct_parts and sq_parts (one per chunk) that the kernels fill;
-    called (bool, (2, n_chunks)) and ctl (int64, CTL_SIZE: the chunks' barrier
+    called (bool, (4, n_chunks)) and ctl (int64, CTL_SIZE: the chunks' barrier
     counters, zeroed here) are workspaces. ctl is the caller's, not allocated here:
     numba frees a local array after its last use in the function, and its last use
     here would be packing it, before the chunks run (pack_call's block holds no

@@ -109,10 +109,12 @@ def level_data(rng, n, d=255):
     return np.where(X != 0, rng.integers(1, 256, X.shape) / d, 0.0), y
 
 
-def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None):
+def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None, split=None):
     """The compiled loop against fastmlp.reference, float64, the same shuffles,
     partial last batch included; chunks: workspaces for that many chunks (run by
-    the threads there are). Returns the numba engine."""
+    the threads there are); split: whether the first layer must have been split by
+    input columns (None: where the Engine does that by itself). Returns the numba
+    engine."""
     rng = np.random.default_rng(7)
     if inputs == "split-input":
         X, y = split_data(rng, 103)
@@ -139,11 +141,11 @@ def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None):
     assert engine.sparse == (inputs != "dense-input")
     assert engine.n_dense == (20 if inputs in ("split-input", "level-input") else 0)
     assert (engine.X.dtype == np.uint8) == (inputs == "level-input")
-    # With two or more chunks, every optimiser but plain SGD splits a sparse first
-    # layer between the chunks by input columns (its own kernels and update).
-    n_chunks = engine.called.shape[1]
-    plain = name == "sgd" and not kw.get("alpha")
-    assert (engine.cuts is not None) == (engine.sparse and n_chunks >= 2 and not plain)
+    # With two or more chunks, the optimisers that keep moments split a sparse
+    # first layer between the chunks by input columns (its own kernels and update).
+    if split is None:
+        split = engine.sparse and engine.called.shape[1] >= 2 and name != "sgd"
+    assert (engine.cuts is not None) == split
     return engine
 
 
@@ -166,6 +168,19 @@ def test_compiled_epochs_on_three_chunks_equal_reference_float64(name, kw, input
     chunks' workspaces run by one thread (check_in's ALL, the same bits as three
     threads)."""
     engine = _epochs_against_reference(name, kw, inputs, 1, 2, chunks=3)
+    assert engine.called.shape == (4, 3)
+
+
+@pytest.mark.parametrize("inputs", ["sparse-input", "split-input"])
+@pytest.mark.parametrize("kw", [{}, {"alpha": 0.3}])
+def test_sgd_with_the_first_layer_split_by_columns_equals_reference(kw, inputs, monkeypatch):
+    """SGD trains with the first layer split by rows of the batch (it measured
+    faster); forced to split it by input columns, as the optimisers with moments
+    do, it still matches the reference (update_share's own-rows SGD path)."""
+    from fastmlp import _numba_backend
+    monkeypatch.setattr(_numba_backend.Engine, "splits_features",
+                        lambda self, T: self.sparse and T >= 2)
+    engine = _epochs_against_reference("sgd", kw, inputs, 1, 2, chunks=3, split=True)
     assert engine.called.shape == (4, 3)
 
 
