@@ -77,7 +77,8 @@ from .fpenv import flush_subnormals, restore_fp_state
 from . import native
 from .native import call_at, call_packed, pack_call
 from .sync import ALL, ALONE, STOP, barrier, check_in
-from .simd import combine_whole_row, sparse_combine_row, sparse_scatter_row, takes_whole_row
+from .simd import (combine_whole_row, prefetch, sparse_combine_row, sparse_scatter_row,
+                   takes_whole_row)
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
                     csr_matmul_rows, decoded, dense_value, matmul_rows, output_delta_rows,
                     weight_grad_rows)
@@ -245,6 +246,8 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
         # levels, a vectorised division), not once for each.
         n_dense = X.shape[1] if sparse else 0
         for r in range(r0, r1):
+            if PREFETCH and r + GATHER_AHEAD < r1:
+                _prefetch_row(X, rows[r + GATHER_AHEAD], 0, X.shape[1])
             src = rows[r]
             for k in range(X.shape[1]):
                 A0[r, k] = dense_value(X, src, k, levels)
@@ -297,6 +300,24 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     correct_parts[t] = correct
 
 
+# The gathers of the dense columns ask for the row GATHER_AHEAD rows ahead: a
+# shuffled batch's rows lie anywhere in X (MNIST's levels: 14 MB). Split by input
+# columns, 10-epoch Adam fits, a thread's gather an epoch: 4.6-5.6 million cycles
+# against 9.7-12.5 without (4 ahead: 6.2-6.7).
+PREFETCH = True
+GATHER_AHEAD = 8
+
+
+@njit(error_model="numpy", inline="always")
+def _prefetch_row(X, i, d0, d1):
+    """Ask the cache for the lines of X[i, d0:d1] ahead of their use."""
+    if d1 > d0:
+        x = X[i]
+        for q in range(d0, d1, 64 // X.itemsize):
+            prefetch(x, q)
+        prefetch(x, d1 - 1)
+
+
 @njit(error_model="numpy", inline="always")
 def _dense_part(A0, t, d0, d1, B):
     """Chunk t's gathered dense columns d0..d1-1 (of a split first layer): a (B, d1 -
@@ -332,6 +353,8 @@ def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indi
     if d1 > d0:
         A = _dense_part(A0, t, d0, d1, B)
         for r in range(nb):
+            if PREFETCH and r + GATHER_AHEAD < nb:
+                _prefetch_row(X, rows[r + GATHER_AHEAD], d0, d1)
             # Through row views: indexing X[src, d0 + k] and A[r, k] directly, the
             # loop did not vectorise (200 MNIST rows, 114 columns of levels: 30-39
             # against 6 us).
