@@ -170,6 +170,25 @@ def test_divergence_stops_with_finite_weights():
         assert all(np.isfinite(p).all() for p in model.weights + model.biases)
 
 
+def test_divergence_stops_with_the_first_layer_split_by_columns():
+    """Momentum on a sparse input on two threads splits the first layer between
+    them by input columns (four steps a batch): a batch whose loss is not finite
+    still stops every thread before its update, and the weights stay finite."""
+    import numba
+    rng = np.random.default_rng(0)
+    X = rng.random((64, 40)) * (rng.random((64, 40)) < 0.2)
+    y = rng.random(64) * 1e3
+    model = fastmlp.MLP([40, 16, 1], ["relu", "linear"], seed=0)
+    threads = min(2, numba.config.NUMBA_NUM_THREADS)
+    tr = fastmlp.Trainer(model, "squared_error", lr=1e6, batch_size=8, seed=0, backend="numba",
+                         threads=threads, optimizer="momentum")
+    with pytest.raises(fastmlp.TrainingDiverged, match=r"epoch \d+, batch \d+ of 8"):
+        with np.errstate(over="ignore", invalid="ignore"):
+            tr.fit(X, y[:, None], epochs=50)
+    assert all(np.isfinite(p).all() for p in model.weights + model.biases)
+    assert (tr._get_engine().cuts is not None) == (threads == 2)
+
+
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 def test_overflow_in_the_last_update_is_divergence(backend):
     # One row, one batch an epoch: the update that overflows a weight is the last
