@@ -267,6 +267,9 @@ def first_fit_seconds(params, threads):
     return float(r.stdout.split()[-1])
 
 
+PAUSE_BETWEEN_FITS = 0.5   # seconds, before each timed estimator fit
+
+
 def estimator_rows(X, y, Xt, yt, args):
     """Whole fit() times, fastmlp.MLPClassifier against scikit-learn's, interleaved
     round by round; the fastest round of each is reported. fastmlp's first fit in
@@ -294,6 +297,12 @@ def estimator_rows(X, y, Xt, yt, args):
             for _ in range(args.rounds):
                 for k, make in ests.items():
                     est = make()
+                    # Each fit starts on an idle machine: BLAS's worker threads spin
+                    # for a while after the last product (OpenBLAS: about 2^28
+                    # cycles), and a fit started then shares a core with them (a
+                    # 10-epoch fastmlp fit right after 20 BLAS products: 0.750-0.840
+                    # s against 0.711-0.775, 2 threads, Zen 4).
+                    time.sleep(PAUSE_BETWEEN_FITS)
                     t = time.perf_counter()
                     est.fit(X, y)
                     seconds[k].append(time.perf_counter() - t)
