@@ -52,12 +52,23 @@ def exp32(x):
     return np.float32(0) if x0 < lo else y
 
 
+def exp(x):
+    """e^x: exp32 for float32 (vectorisable), libm's for float64."""
+
+
 def sigmoid(s):
     """1 / (1 + e^-s) split on the sign of s (never an overflowing exponent)."""
 
 
 def tanh(s):
     """tanh(s), saturating to +-1 without overflow."""
+
+
+@overload(exp)
+def _exp(x):
+    if x == types.float32:
+        return lambda x: exp32(x)
+    return lambda x: np.exp(x)
 
 
 @overload(sigmoid)
