@@ -331,9 +331,6 @@ class Engine:
         """How many of a sparse input's columns the first layer reads as dense."""
         return self.X.shape[1] if self.sparse else 0
 
-    def _plain_sgd(self):
-        return self.optimizer.code == epoch.SGD and self.optimizer.alpha == 0
-
     def _optimizer_args(self):
         m, opt = self.model, self.optimizer
         s = opt.ensure_state(m.weights, m.biases)
@@ -390,15 +387,16 @@ class Engine:
                                   self.values, order, self.As, self.Ds, self.dWs, self.dbs,
                                   self.touched, self.cptr, self.crow, self.cval)
         fb_args = (Ws, bs_, self.codes, self.loss_code, self.X, self.levels, self.sparse,
-                   self.indptr, self.indices, self.values, self.Y, order, self.batch, self.A0, self.Yb,
-                   self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr, self.crow,
-                   self.cval, self.tiny, self.top,
-                   self.loss_parts, self.correct_parts, fns, self.Ps, self.cut_ptr, self.cuts)
+                   self.indptr, self.indices, self.values, self.Y, order, self.batch, self.A0,
+                   self.Yb, self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr,
+                   self.crow, self.cval, self.tiny, self.top, self.loss_parts,
+                   self.correct_parts, fns, self.Ps, self.cut_ptr, self.cuts)
         # train_epoch builds update_share's arguments from fb_args and these, in this
         # order (each array passed once: unboxing each costs its compile time).
         # Plain SGD without L2 updates by update_share's own short path: no
         # optimizer_row (ofn None), and none of the other optimisers' code compiled.
-        ofn = None if self._plain_sgd() else epoch.optimizer_kernel(self.scalars)
+        plain = opt == epoch.SGD and self.optimizer.alpha == 0
+        ofn = None if plain else epoch.optimizer_kernel(self.scalars)
         up_extra = (self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
         up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, np.int64(opt),
                    self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn, self.cuts)

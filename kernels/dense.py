@@ -386,15 +386,10 @@ PRANGE_ONLY = {"prange": True, "numpy": False, "reduction": False, "setitem": Fa
                "stencil": False, "fusion": False, "comprehension": False, "inplace_binop": False}
 
 
-def dense_value(X, i, k, d):
-    """X[i, k] as the parameters' float: where X holds 8-bit levels (uint8), level / d
-    (d the parameters' float type); else X[i, k] itself. Compiled code only."""
-    raise NotImplementedError("dense_value is for compiled code")
-
-
 def decoded(x, d):
-    """One value of a dense input as the parameters' float, as dense_value reads it:
-    a level (uint8) divided by d, else x itself. Compiled code only."""
+    """One value of a dense input (or of a sparse input's dense columns) as the
+    parameters' float: where it is an 8-bit level (uint8), level / d (d the
+    parameters' float type); else x itself. Compiled code only."""
     raise NotImplementedError("decoded is for compiled code")
 
 
@@ -454,11 +449,6 @@ def _decoded(x, d):
         cast = _float_of(d)
         return lambda x, d: cast(x) / d
     return lambda x, d: x
-
-
-@overload(dense_value)
-def _dense_value(X, i, k, d):
-    return lambda X, i, k, d: decoded(X[i, k], d)
 
 
 def _level_in(cast):

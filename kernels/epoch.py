@@ -12,19 +12,21 @@ each other:
 No two threads ever write the same number, so for a given n_chunks (thread
 count) the result is bit for bit the same on every run.
 
+(Each step used to be a parallel region of its own, two forks and joins of the
+thread pool a batch: seed002's epochs were 3-6% slower, measured alternately in
+one process on 2 threads; seed000's and the estimator's no different within the
+noise.)
+
 A sparse input's first layer, trained with an optimiser that keeps moments
-(momentum, Nesterov, Adam), on two or more chunks, is split between the chunks by input columns instead
-(chunk_partial_forward): each chunk owns a share of W_1's rows (and of their
-moments), multiplies the whole batch by them (a partial product; barrier),
-then, for its own batch rows as above, adds the chunks' partial products and
-does the rest of the forward and backward (barrier), then computes the whole
-batch's gradient of its own rows of W_1 (chunk_layer1_grad) and updates them,
-and its share of the other rows (update_share; barrier). W_1, its moments and
-its gradient never leave their chunk's core; what crosses is each chunk's
-partial product and delta rows (B x n_1 numbers, not n_in x n_1). (Each step used to be a
-parallel region of its own, two forks and joins of the thread pool a batch:
-seed002's epochs were 3-6% slower, measured alternately in one process on 2
-threads; seed000's and the estimator's no different within the noise.)
+(momentum, Nesterov, Adam), on two or more chunks, is split between the chunks
+by input columns instead (chunk_partial_forward): each chunk owns a share of
+W_1's rows (and of their moments), multiplies the whole batch by them (a partial
+product; barrier), then, for its own batch rows as above, adds the chunks'
+partial products and does the rest of the forward and backward (barrier), then
+computes the whole batch's gradient of its own rows of W_1 (chunk_layer1_grad)
+and updates them, and its share of the other rows (update_share; barrier). W_1,
+its moments and its gradient never leave their chunk's core; what crosses is
+each chunk's partial product and delta rows (B x n_1 numbers, not n_in x n_1).
 
 Numba copies a called function's code into the caller's module and optimises
 and compiles it again there. To keep a cold start short, the two per-chunk
@@ -77,10 +79,10 @@ from .fpenv import flush_subnormals, restore_fp_state
 from . import native
 from .native import call_at, call_packed, pack_call
 from .sync import ALL, ALONE, STOP, barrier, check_in
-from .simd import (combine_whole_row, prefetch, sparse_combine_row, sparse_scatter_row,
+from .simd import (combine_whole_row, prefetch_range, sparse_combine_row, sparse_scatter_row,
                    takes_whole_row)
 from .dense import (PRANGE_ONLY, backprop_rows, bias_activate_rows, column_sums_rows,
-                    csr_matmul_rows, decoded, dense_value, matmul_rows, output_delta_rows,
+                    csr_matmul_rows, decoded, matmul_rows, output_delta_rows,
                     weight_grad_rows)
 
 
@@ -245,12 +247,7 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
         # gathered by one loop for both kinds of input: compiled once (with 8-bit
         # levels, a vectorised division), not once for each.
         n_dense = X.shape[1] if sparse else 0
-        for r in range(r0, r1):
-            if PREFETCH and r + GATHER_AHEAD < r1:
-                _prefetch_row(X, rows[r + GATHER_AHEAD], 0, X.shape[1])
-            src = rows[r]
-            for k in range(X.shape[1]):
-                A0[r, k] = dense_value(X, src, k, levels)
+        _gather_rows(X, rows, r0, r1, 0, X.shape[1], A0, levels)
         if sparse:
             ok &= call_at(fns[CSR_MATMUL], (indptr, one, zero, indices, values, rows, Ws[0],
                                             As[0], r0, r1))
@@ -309,13 +306,18 @@ GATHER_AHEAD = 8
 
 
 @njit(error_model="numpy", inline="always")
-def _prefetch_row(X, i, d0, d1):
-    """Ask the cache for the lines of X[i, d0:d1] ahead of their use."""
+def _gather_rows(X, rows, r0, r1, d0, d1, A, levels):
+    """A[r, :d1 - d0] = X[rows[r], d0:d1] for r in r0..r1-1, each value as the
+    parameters' float (dense.decoded: a uint8 level divided by levels). Through
+    row views: indexing X[src, d0 + k] and A[r, k] directly, the loop did not
+    vectorise (200 MNIST rows, 114 columns of levels: 30-39 against 6 us)."""
     if d1 > d0:
-        x = X[i]
-        for q in range(d0, d1, 64 // X.itemsize):
-            prefetch(x, q)
-        prefetch(x, d1 - 1)
+        for r in range(r0, r1):
+            if PREFETCH and r + GATHER_AHEAD < r1:
+                prefetch_range(X[rows[r + GATHER_AHEAD]], d0, d1)
+            x, a = X[rows[r], d0:d1], A[r]
+            for k in range(d1 - d0):
+                a[k] = decoded(x[k], levels)
 
 
 @njit(error_model="numpy", inline="always")
@@ -352,15 +354,7 @@ def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indi
                                    nb))
     if d1 > d0:
         A = _dense_part(A0, t, d0, d1, B)
-        for r in range(nb):
-            if PREFETCH and r + GATHER_AHEAD < nb:
-                _prefetch_row(X, rows[r + GATHER_AHEAD], d0, d1)
-            # Through row views: indexing X[src, d0 + k] and A[r, k] directly, the
-            # loop did not vectorise (200 MNIST rows, 114 columns of levels: 30-39
-            # against 6 us).
-            x, a = X[rows[r], d0:d1], A[r]
-            for k in range(d1 - d0):
-                a[k] = decoded(x[k], levels)
+        _gather_rows(X, rows, zero, nb, d0, d1, A, levels)
         ok &= call_at(fns[MATMUL], (A, Ws[0][d0:d1], Q, zero, nb))
         for r in range(nb):
             for j in range(P.shape[1]):
@@ -876,10 +870,11 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     exactly those argument types (fastmlp.kernels.native.address), of
     chunk_batches (batches_kernel), which runs them batch after batch, and of
     chunk_partial_forward and chunk_layer1_grad (compiled for forward_args too)
-    where the first layer is split by input columns (else (0, -1) each). Of the arrays
-    in those tuples, train_epoch writes order's batch bounds into batch (int64, 2:
-    start and size) and the step's scalars (the parameters' dtype, 9), and reads the
-    loss_parts, correct_parts and sq_parts (one per chunk) that the kernels fill;
+    where the first layer is split by input columns (else (0, -1) each). Of the
+    arrays in those tuples, train_epoch writes order's batch bounds into batch
+    (int64, 2: start and size) and the step's scalars (the parameters' dtype, 9),
+    and reads the loss_parts, correct_parts and sq_parts (one per chunk) that the
+    kernels fill;
     called (bool, (4, n_chunks)) and ctl (int64, CTL_SIZE: the chunks' barrier
     counters, zeroed here) are workspaces. ctl is the caller's, not allocated here:
     numba frees a local array after its last use in the function, and its last use
@@ -926,10 +921,11 @@ def train_epoch(forward_args, update_extra, kernels, batch_size, b0, b1, lr, opt
     out[BAD] = -1
     out[DONE] = b1
     cb = pack_call(kernels[4], kernels[5], (
-        fb[0], fb[1], up[0], up[1], pf[0], pf[1], g[0], g[1], ctl, n, batch_size, b0, b1, lr, opt, hyper, step, interrupt,
-        fa[FB_BATCH], scalars, loss_parts, correct_parts, sq_parts, called, out))
-    if fb[0] == 0 or up[0] == 0 or cb[0] == 0 or (kernels[6] != 0 and (pf[0] == 0 or
-                                                                       g[0] == 0)):
+        fb[0], fb[1], up[0], up[1], pf[0], pf[1], g[0], g[1], ctl, n, batch_size, b0, b1, lr,
+        opt, hyper, step, interrupt, fa[FB_BATCH], scalars, loss_parts, correct_parts, sq_parts,
+        called, out))
+    split_missing = kernels[6] != 0 and (pf[0] == 0 or g[0] == 0)
+    if fb[0] == 0 or up[0] == 0 or cb[0] == 0 or split_missing:
         return 0.0, 0, WRONG_SIGNATURE, b0
     ran = np.zeros(called.shape[1], dtype=np.bool_)
     run_chunks(cb[0], cb[1], ran)

@@ -407,17 +407,22 @@ def prefetch(typingctx, a, i):
     return types.none(a, i), codegen
 
 
+@njit(error_model="numpy", inline="always")
+def prefetch_range(a, p0, p1):
+    """Prefetch every line of a[p0:p1] (a 1-D array), its last included."""
+    if p1 > p0:
+        for p in range(p0, p1, 64 // a.itemsize):
+            prefetch(a, p)
+        prefetch(a, p1 - 1)
+
+
 @njit(cache=True, error_model="numpy")
 def prefetch_csr_part(indices, values, p0, p1):
     """Prefetch the nonzeros p0..p1-1 of a CSR matrix (their column indices and
     values): rows of a shuffled batch are scattered over the training set, and the
     hardware prefetcher only catches on after a few lines of each."""
-    step = 64 // indices.itemsize
-    for p in range(p0, p1, step):
-        prefetch(indices, p)
-    step = 64 // values.itemsize
-    for p in range(p0, p1, step):
-        prefetch(values, p)
+    prefetch_range(indices, p0, p1)
+    prefetch_range(values, p0, p1)
 
 
 def _check_scatter(name, dW, touched, D, idx, val):
