@@ -514,7 +514,8 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
                  ofn, cuts):
     """Apply the summed partial gradients to chunk t's share (one of
     sq_parts.shape[0]) of all weight rows (every layer's W rows, then its bias as
-    one more row). Writes the share's sum of squared weights before the update into
+    one more row): the rows whose first parameter is in the chunk's equal share of
+    all parameters. Writes the share's sum of squared weights before the update into
     sq_parts[t] when decay > 0 (the L2 term of the loss). scalars holds
     (1/B, alpha/B, lr, momentum, beta_1, beta_2, 1 - beta_1, 1 - beta_2, epsilon)
     in the parameters' dtype; optimizer_row says how they are used. ofn is
@@ -574,11 +575,13 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
                                     Ms[0].reshape(G1.size)[a * n1:e * n1],
                                     Vs[0].reshape(G1.size)[a * n1:e * n1], opt, inv_n,
                                     decay, lr, mu, b1, b2, c1, c2, eps, False, sq))
-    total_rows = 0
+    # Shares of equal numbers of parameters, not rows: rows are as wide as their
+    # layer (the estimator's W_2 rows hold 10, W_1's 100).
+    total = 0
     for l in range(L):
-        total_rows += (0 if own0 and l == 0 else Ws[l].shape[0]) + 1
-    lo = t * total_rows // n_chunks
-    hi = (t + 1) * total_rows // n_chunks
+        total += ((0 if own0 and l == 0 else Ws[l].shape[0]) + 1) * Ws[l].shape[1]
+    lo = t * total // n_chunks
+    hi = (t + 1) * total // n_chunks
     base = 0
     for l in range(L):
         W = Ws[l]
@@ -586,8 +589,10 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
         n_in, n_out = W.shape
         # Layer 0's weight rows are no one's share where each chunk updated its own.
         off = n_in if own0 and l == 0 else 0
-        k0 = max(lo, base) - base + off
-        k1 = min(hi, base + n_in + 1 - off) - base + off
+        rows = n_in + 1 - off
+        # The rows whose first parameter is in lo..hi-1.
+        k0 = min(max(-((base - lo) // n_out), 0), rows) + off
+        k1 = min(max(-((base - hi) // n_out), 0), rows) + off
         kw1 = min(k1, n_in)
         if ofn is None and l == 0 and sparse and n_chunks <= 2:
             # The general loop below for the commonest case, the same sums: with
@@ -683,7 +688,7 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
             else:
                 ok &= call_at(ofn, (b, db[0], db[0], mbs[l], vbs[l], opt, inv_n, zero, lr, mu, b1,
                                     b2, c1, c2, eps, False, sq))
-        base += n_in + 1 - off
+        base += rows * n_out
     if not ok:
         raise RuntimeError("update_share: optimizer_row's ofn was compiled for other "
                            "argument types")
