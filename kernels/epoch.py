@@ -178,6 +178,9 @@ def weight_grad_csc(indptr, parts, c, k0, k1, indices, values, rows, r0, r1, D, 
     # each cost more than the one-pass rows gain, so the intrinsic is called here
     # (0.052-0.055 -> 0.049 s an epoch at 100 units, one thread, Zen 5).
     whole = takes_whole_row(D)
+    # False, but not a literal (which would type the calls with Literal[bool] and
+    # compile another sparse_combine_row).
+    acc = R < 0
     for k in range(k0, k1):
         n = cptr[k]
         touched[k] = n > 0
@@ -186,9 +189,9 @@ def weight_grad_csc(indptr, parts, c, k0, k1, indices, values, rows, r0, r1, D, 
             # call with Literal[int] and compiled a second sparse_combine_row.
             start = (k - k0) * R
             if whole:
-                combine_whole_row(dW, k, crow, cval, start, start + n, D)
+                combine_whole_row(dW, k, crow, cval, start, start + n, D, acc)
             else:
-                sparse_combine_row(dW, k, crow, cval, start, start + n, D)
+                sparse_combine_row(dW, k, crow, cval, start, start + n, D, acc)
     column_sums_rows(D, db, r0, r1)
 
 
@@ -249,15 +252,13 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
         n_dense = X.shape[1] if sparse else 0
         _gather_rows(X, rows, r0, r1, 0, X.shape[1], A0, levels)
         if sparse:
-            ok &= call_at(fns[CSR_MATMUL], (indptr, one, zero, indices, values, rows, Ws[0],
-                                            As[0], r0, r1))
+            # The dense columns' product first, then the CSR's nonzeros added to it
+            # (a product of their own, then added, cost a 100-unit first layer
+            # B x 100 numbers more to write and read: see the README, Speed).
             if n_dense > 0:
-                # Ds[0] is free until the backward step writes it.
-                ok &= call_at(fns[MATMUL], (A0, Ws[0][:n_dense], Ds[0], r0, r1))
-                S, P = As[0], Ds[0]
-                for r in range(r0, r1):
-                    for j in range(S.shape[1]):
-                        S[r, j] += P[r, j]
+                ok &= call_at(fns[MATMUL], (A0, Ws[0][:n_dense], As[0], r0, r1))
+            ok &= call_at(fns[CSR_MATMUL], (indptr, one, zero, indices, values, rows, Ws[0],
+                                            As[0], r0, r1, n_dense > 0))
         else:
             ok &= call_at(fns[MATMUL], (A0, Ws[0], As[0], r0, r1))
     ok &= call_at(fns[BIAS_ACTIVATE], (acts[0], bs[0], As[0], r0, r1))
@@ -348,17 +349,17 @@ def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indi
     parts = np.int64(cuts.shape[0] - 1)
     B = As[0].shape[0]
     d0, d1 = cuts[t, 0], cuts[t + 1, 0]
-    P, Q = Ps[t, 0], Ps[t, 1]
+    P = Ps[t, 0]
     zero = np.int64(0)
-    ok = call_at(fns[CSR_MATMUL], (cut_ptr, parts, t, indices, values, rows, Ws[0], P, zero,
-                                   nb))
+    ok = True
     if d1 > d0:
         A = _dense_part(A0, t, d0, d1, B)
         _gather_rows(X, rows, zero, nb, d0, d1, A, levels)
-        ok &= call_at(fns[MATMUL], (A, Ws[0][d0:d1], Q, zero, nb))
-        for r in range(nb):
-            for j in range(P.shape[1]):
-                P[r, j] += Q[r, j]
+        ok &= call_at(fns[MATMUL], (A, Ws[0][d0:d1], P, zero, nb))
+    # The CSR's nonzeros added to the dense columns' product, as in
+    # chunk_forward_backward.
+    ok &= call_at(fns[CSR_MATMUL], (cut_ptr, parts, t, indices, values, rows, Ws[0], P, zero,
+                                    nb, d1 > d0))
     if not ok:
         raise RuntimeError("chunk_partial_forward: a kernel in fns was compiled for other "
                            "argument types, or failed")
@@ -378,7 +379,7 @@ def chunk_layer1_grad(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices,
     B = As[0].shape[0]
     d0, d1 = cuts[t, 0], cuts[t + 1, 0]
     zero = np.int64(0)
-    # The column sums the gradient kernels also write go to a row of Ps[t, 1],
+    # The column sums the gradient kernels also write go to Ps[t, 1, 0],
     # free until the next batch: dbs holds the bias's partial sums, which another
     # chunk may be reading.
     scratch = Ps[t, 1, 0]
@@ -419,7 +420,8 @@ def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, 
     put(WEIGHT_GRAD, weight_grad_rows, As[0], Ds[0], dWs[0][0], dbs[0][0], i, i)
     if sparse:
         rows = order[0:]
-        put(CSR_MATMUL, csr_matmul_rows, indptr, i, i, indices, values, rows, Ws[0], As[0], i, i)
+        put(CSR_MATMUL, csr_matmul_rows, indptr, i, i, indices, values, rows, Ws[0], As[0], i, i,
+            False)
         grad = (indptr, i, i, i, i, indices, values, rows, i, i, Ds[0], dWs[0][0], dbs[0][0],
                 touched[0])
         if cptr is None:

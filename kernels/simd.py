@@ -112,27 +112,35 @@ def _row_ptr(builder, arr, row, col):
     return builder.gep(arr.data, [builder.add(builder.mul(row, cols), col)])
 
 
-def _emit_combine(builder, vec, o, ix, vl, m, i_, j0_, q0_, q1_, n_vec, jl_=None):
-    """out[i, tile] = sum over q of val[q] * M[idx[q], tile] for the n_vec vectors of
-    columns from j0 (the last one at jl instead, when given), each an accumulator
-    in a register while the loop runs over the nonzeros."""
+def _start(builder, vec, acc_, dst, ptr, n_vec):
+    """The accumulators' first values: out's n_vec vectors at dst where acc_ (an i1)
+    is true, else zeros (out is read either way: it is the output, in bounds)."""
+    return [cgutils.alloca_once_value(builder, builder.select(
+        acc_, builder.load(ptr(dst, v), align=vec.align), vec.zero)) for v in range(n_vec)]
+
+
+def _emit_combine(builder, vec, o, ix, vl, m, i_, j0_, q0_, q1_, n_vec, acc_, jl_=None):
+    """out[i, tile] (+)= sum over q of val[q] * M[idx[q], tile] for the n_vec vectors
+    of columns from j0 (the last one at jl instead, when given), each an
+    accumulator in a register while the loop runs over the nonzeros, starting from
+    out's own values where acc_ (an i1) is true, else from zero."""
     def ptr(base, v):
         return vec.tile_ptr(base, v, n_vec, j0_, jl_)
-    accs = [cgutils.alloca_once_value(builder, vec.zero) for _ in range(n_vec)]
+    dst = _row_ptr(builder, o, i_, j0_)
+    accs = _start(builder, vec, acc_, dst, ptr, n_vec)
     with vec.nonzeros(ix, vl, q0_, q1_) as (k, xv):
         row = _row_ptr(builder, m, k, j0_)
         for v in range(n_vec):
             w = builder.load(ptr(row, v), align=vec.align)
             builder.store(builder.call(vec.fma, [xv, w, builder.load(accs[v])]), accs[v])
-    dst = _row_ptr(builder, o, i_, j0_)
     for v in range(n_vec):
         builder.store(builder.load(accs[v]), ptr(dst, v), align=vec.align)
 
 
-def _emit_combine2(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, jl_):
+def _emit_combine2(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, acc_, jl_):
     """_emit_combine's sum for a row of n_vec vectors (the last at jl) with two
-    accumulators per vector: the terms q0, q0+2, ... in one, q0+1, q0+3, ... in the
-    other, added at the end. A narrow row has too few vectors to keep both FMA
+    accumulators per vector: the terms q0, q0+2, ... in one (which starts from
+    out's values where acc_), q0+1, q0+3, ... in the other, added at the end. A narrow row has too few vectors to keep both FMA
     units busy with one chain each (an FMA waits for the one before in its chain)."""
     j0_ = ir.Constant(vec.intp, 0)
 
@@ -147,7 +155,8 @@ def _emit_combine2(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, jl_):
             builder.store(builder.call(vec.fma, [xv, w, builder.load(accs[v])]), accs[v])
 
     one = ir.Constant(vec.intp, 1)
-    even = [cgutils.alloca_once_value(builder, vec.zero) for _ in range(n_vec)]
+    dst = _row_ptr(builder, o, i_, j0_)
+    even = _start(builder, vec, acc_, dst, ptr, n_vec)
     odd = [cgutils.alloca_once_value(builder, vec.zero) for _ in range(n_vec)]
     pairs_end = builder.sub(q1_, one)
     with cgutils.for_range_slice(builder, q0_, pairs_end, ir.Constant(vec.intp, 2)) as (q, _):
@@ -157,7 +166,6 @@ def _emit_combine2(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, jl_):
     is_odd = builder.icmp_signed(">", builder.and_(n_terms, one), ir.Constant(vec.intp, 0))
     with builder.if_then(is_odd):
         add_term(pairs_end, even)
-    dst = _row_ptr(builder, o, i_, j0_)
     for v in range(n_vec):
         total = builder.fadd(builder.load(even[v]), builder.load(odd[v]))
         builder.store(total, ptr(dst, v), align=vec.align)
@@ -176,8 +184,8 @@ def _check_combine(name, out, idx, val, M):
 
 def _tile_intrinsic(n_vec):
     @intrinsic
-    def combine_tile(typingctx, out, i, j0, idx, val, q0, q1, M):
-        """n_vec vectors of out[i]'s columns from j0."""
+    def combine_tile(typingctx, out, i, j0, idx, val, q0, q1, M, acc):
+        """n_vec vectors of out[i]'s columns from j0 (added to where acc)."""
         _check_combine("combine_tile", out, idx, val, M)
 
         def codegen(context, builder, signature, args):
@@ -185,9 +193,10 @@ def _tile_intrinsic(n_vec):
             i_, j0_, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
                                  for n in (1, 2, 5, 6))
             vec = _Vectors(context, builder, signature.args[7].dtype)
-            _emit_combine(builder, vec, o, ix, vl, m, i_, j0_, q0_, q1_, n_vec)
+            acc_ = context.cast(builder, args[8], signature.args[8], types.boolean)
+            _emit_combine(builder, vec, o, ix, vl, m, i_, j0_, q0_, q1_, n_vec, acc_)
             return context.get_dummy_value()
-        return types.none(out, i, j0, idx, val, q0, q1, M), codegen
+        return types.none(out, i, j0, idx, val, q0, q1, M, acc), codegen
     return combine_tile
 
 
@@ -199,30 +208,33 @@ WHOLE_ROW_VECTORS = (9, 16)   # rows combine_whole_row takes, in vectors
 
 
 def _whole_row_codegen(lo, hi, name, emit):
-    """Codegen of an intrinsic (out, i, idx, val, q0, q1, M) that sums a whole row
-    of M's width in one pass: a switch on the row's number of vectors (lo to hi; a
-    row narrower than one vector counts as none) picks the pass emit(builder, vec,
-    o, ix, vl, m, i, q0, q1, n_vec, jl) compiled for it, whose last vector starts
-    at column jl (overlapping the one before); other widths are not written."""
+    """Codegen of an intrinsic (out, i, idx, val, q0, q1, M, acc) that sums a whole
+    row of M's width in one pass (onto out's own values where acc): a switch on the
+    row's number of vectors (lo to hi; a row narrower than one vector counts as
+    none) picks the pass emit(builder, vec, o, ix, vl, m, i, q0, q1, n_vec, acc,
+    jl) compiled for it, whose last vector starts at column jl (overlapping the one
+    before); other widths are not written."""
     def codegen(context, builder, signature, args):
         o, ix, vl, m = _combine_arrays(context, builder, signature, args, (0, 2, 3, 6))
         i_, q0_, q1_ = (context.cast(builder, args[n], signature.args[n], types.intp)
                         for n in (1, 4, 5))
         vec = _Vectors(context, builder, signature.args[6].dtype)
+        acc_ = context.cast(builder, args[7], signature.args[7], types.boolean)
         n_out = cgutils.unpack_tuple(builder, m.shape)[1]
         lanes = ir.Constant(vec.intp, vec.lanes)
         n = builder.udiv(builder.add(n_out, builder.sub(lanes, ir.Constant(vec.intp, 1))), lanes)
         n = builder.select(builder.icmp_signed("<", n_out, lanes), ir.Constant(vec.intp, 0), n)
         jl = builder.sub(n_out, lanes)
         _switch(builder, vec.intp, n, range(lo, hi + 1), name,
-                lambda n_vec: emit(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, jl))
+                lambda n_vec: emit(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, acc_, jl))
         return context.get_dummy_value()
     return codegen
 
 
 @intrinsic
-def combine_whole_row(typingctx, out, i, idx, val, q0, q1, M):
-    """out[i] = sum over q of val[q] * M[idx[q]] for rows of 9 to 16 vectors (65-128
+def combine_whole_row(typingctx, out, i, idx, val, q0, q1, M, acc):
+    """out[i] = sum over q of val[q] * M[idx[q]] (out[i] + that sum where acc, each
+    column's terms added to it in order) for rows of 9 to 16 vectors (65-128
     float32 columns, 33-64 float64) in one pass over the nonzeros, the last vector
     ending on the last column (overlapping the one before: those columns are
     computed again, to the same bits). A switch on the row's vector count picks
@@ -230,24 +242,25 @@ def combine_whole_row(typingctx, out, i, idx, val, q0, q1, M):
     _check_combine("combine_whole_row", out, idx, val, M)
     lo, hi = WHOLE_ROW_VECTORS
 
-    def emit(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, jl):
+    def emit(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, acc_, jl):
         _emit_combine(builder, vec, o, ix, vl, m, i_, ir.Constant(vec.intp, 0), q0_, q1_,
-                      n_vec, jl)
-    return types.none(out, i, idx, val, q0, q1, M), _whole_row_codegen(lo, hi, "whole_row",
-                                                                         emit)
+                      n_vec, acc_, jl)
+    return types.none(out, i, idx, val, q0, q1, M, acc), _whole_row_codegen(
+        lo, hi, "whole_row", emit)
 
 
 NARROW_ROW_VECTORS = 4   # rows combine_narrow_row takes: 1 to this many vectors
 
 
 @intrinsic
-def combine_narrow_row(typingctx, out, i, idx, val, q0, q1, M):
-    """out[i] = sum over q of val[q] * M[idx[q]] for rows of 1 to NARROW_ROW_VECTORS
-    vectors (8-32 float32 columns, 4-16 float64), two chains of fused multiply-adds
-    per vector (_emit_combine2: the even terms, the odd terms, then their sum), the
-    last vector ending on the last column. Other widths are not written."""
+def combine_narrow_row(typingctx, out, i, idx, val, q0, q1, M, acc):
+    """out[i] = sum over q of val[q] * M[idx[q]] (onto out[i] where acc) for rows of
+    1 to NARROW_ROW_VECTORS vectors (8-32 float32 columns, 4-16 float64), two
+    chains of fused multiply-adds per vector (_emit_combine2: out[i] or zero and
+    the even terms, the odd terms, then their sum), the last vector ending on the
+    last column. Other widths are not written."""
     _check_combine("combine_narrow_row", out, idx, val, M)
-    return types.none(out, i, idx, val, q0, q1, M), _whole_row_codegen(
+    return types.none(out, i, idx, val, q0, q1, M, acc), _whole_row_codegen(
         1, NARROW_ROW_VECTORS, "narrow_row", _emit_combine2)
 
 
@@ -268,9 +281,10 @@ def takes_whole_row(M):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
-def sparse_combine_row(out, i, idx, val, q0, q1, M):
+def sparse_combine_row(out, i, idx, val, q0, q1, M, acc):
     """out[i] = sum over q in q0..q1-1 of val[q] * M[idx[q]]: a sparse row times M,
-    each column summed over q in order (the same bits every way below).
+    each column summed over q in order (the same bits every way below); where acc,
+    out[i] + that sum, each column's terms added to out[i]'s value in order.
 
     Rows of 9 to 16 vectors go through combine_whole_row: one pass of 9-16
     independent chains of fused multiply-adds, where the later passes of 4 and 1
@@ -282,31 +296,32 @@ def sparse_combine_row(out, i, idx, val, q0, q1, M):
     products: 0.049 against 0.080 s (32 units), 0.069 against 0.099 (64), 0.227
     against 0.229 (256)."""
     if takes_whole_row(M):
-        combine_whole_row(out, i, idx, val, q0, q1, M)
+        combine_whole_row(out, i, idx, val, q0, q1, M, acc)
         return
     n_out = M.shape[1]
     lanes = VECTOR_BYTES // M.itemsize
     j0 = 0
     while j0 + 8 * lanes <= n_out:
-        combine_tile8(out, i, j0, idx, val, q0, q1, M)
+        combine_tile8(out, i, j0, idx, val, q0, q1, M, acc)
         j0 += 8 * lanes
     while j0 + 4 * lanes <= n_out:
-        combine_tile4(out, i, j0, idx, val, q0, q1, M)
+        combine_tile4(out, i, j0, idx, val, q0, q1, M, acc)
         j0 += 4 * lanes
     while j0 + lanes <= n_out:
-        combine_tile1(out, i, j0, idx, val, q0, q1, M)
+        combine_tile1(out, i, j0, idx, val, q0, q1, M, acc)
         j0 += lanes
-    if j0 < n_out and n_out >= lanes:
+    if j0 < n_out and n_out >= lanes and not acc:
         # The last partial tile overlaps the one before: those columns are computed
-        # again, to the same bits.
-        combine_tile1(out, i, n_out - lanes, idx, val, q0, q1, M)
+        # again, to the same bits (not where acc: the tile before has already added
+        # its sums to them).
+        combine_tile1(out, i, n_out - lanes, idx, val, q0, q1, M, acc)
         return
     zero = out.dtype.type(0)
     for j in range(j0, n_out):
-        acc = zero
+        s = out[i, j] if acc else zero
         for q in range(q0, q1):
-            acc = acc + val[q] * M[idx[q], j]
-        out[i, j] = acc
+            s = s + val[q] * M[idx[q], j]
+        out[i, j] = s
 
 
 def _splat16(builder, value):

@@ -68,8 +68,13 @@ def test_csr_matmul_rows(dtype):
         rows = rng.permutation(B + 5)[:B].astype(np.int64)
         out = np.full((B, n_out), np.nan, dtype=dtype)
         indptr, indices, values = to_csr(X)
-        dense.csr_matmul_rows(indptr, 1, 0, indices, values, rows, W, out, 0, B)
+        dense.csr_matmul_rows(indptr, 1, 0, indices, values, rows, W, out, 0, B, False)
         np.testing.assert_allclose(out, X[rows] @ W, **TOL[dtype])
+        # acc: added to what out holds (the dense columns' product, in the epoch).
+        base = rand(rng, (B, n_out), dtype)
+        out[:] = base
+        dense.csr_matmul_rows(indptr, 1, 0, indices, values, rows, W, out, 0, B, True)
+        np.testing.assert_allclose(out, base + X[rows] @ W, **TOL[dtype])
         # Each row cut at columns into parts (a first layer split between chunks
         # by input columns): part c is the product of those columns alone.
         for parts in (2, 3):
@@ -77,7 +82,8 @@ def test_csr_matmul_rows(dtype):
             cut_ptr = _column_cuts(indptr, indices, cuts)
             for c in range(parts):
                 out[:] = np.nan
-                dense.csr_matmul_rows(cut_ptr, parts, c, indices, values, rows, W, out, 0, B)
+                dense.csr_matmul_rows(cut_ptr, parts, c, indices, values, rows, W, out, 0, B,
+                                      False)
                 a, e = cuts[c], cuts[c + 1]
                 np.testing.assert_allclose(out, X[rows][:, a:e] @ W[a:e], **TOL[dtype])
 
@@ -452,71 +458,80 @@ def _scalar_combine_kernel():
     from numba import njit
 
     @njit(fastmath={"contract"})
-    def scalar(out, i, idx, val, q0, q1, M):
+    def scalar(out, i, idx, val, q0, q1, M, add):
         for j in range(M.shape[1]):
-            acc = out.dtype.type(0)
+            acc = out[i, j] if add else out.dtype.type(0)
             for q in range(q0, q1):
                 acc = acc + val[q] * M[idx[q], j]
             out[i, j] = acc
     return scalar
 
 
-def _scalar_combine(out, i, idx, val, q0, q1, M):
-    """out[i] = sum over q of val[q] * M[idx[q]], column by column, one fused
-    multiply-add per term in q order: the sums every combine kernel must equal."""
-    _scalar_combine_kernel()(out, i, idx, val, q0, q1, M)
+def _scalar_combine(out, i, idx, val, q0, q1, M, add=False):
+    """out[i] = sum over q of val[q] * M[idx[q]] (out[i] + that sum where add),
+    column by column, one fused multiply-add per term in q order: the sums every
+    combine kernel must equal."""
+    _scalar_combine_kernel()(out, i, idx, val, q0, q1, M, add)
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sparse_combine_row_tiles(dtype, index_dtype):
     """Every output width (full 64/32/8-lane tiles, the overlapping last tile, and
-    rows narrower than one vector) against a NumPy twin and a plain scalar loop."""
+    rows narrower than one vector) against a NumPy twin and a plain scalar loop,
+    written or added to the row's values (acc: the overlapping last tile must not
+    add its columns twice)."""
     from fastmlp.kernels.simd import sparse_combine_row
     rng = np.random.default_rng(21)
     for n_out in list(range(1, 70)) + [100, 129, 512]:
         M = rand(rng, (40, n_out), dtype)
         idx = rng.integers(0, 40, 23).astype(index_dtype)
         val = rand(rng, 23, dtype)
-        for q0, q1 in ((0, 23), (5, 6), (7, 7)):
+        base = rand(rng, n_out, dtype)
+        for (q0, q1), acc in itertools.product(((0, 23), (5, 6), (7, 7)), (False, True)):
             out = np.full((3, n_out), np.nan, dtype)
-            sparse_combine_row(out, 2, idx, val, q0, q1, M)
-            want = val[q0:q1] @ M[idx[q0:q1]] if q1 > q0 else np.zeros(n_out, dtype)
-            np.testing.assert_allclose(out[2], want, **TOL[dtype])
-            assert np.isnan(out[:2]).all()                  # other rows untouched
+            out[2] = base
             ref = out.copy()
-            _scalar_combine(ref, 2, idx, val, q0, q1, M)
+            sparse_combine_row(out, 2, idx, val, q0, q1, M, acc)
+            want = val[q0:q1] @ M[idx[q0:q1]] if q1 > q0 else np.zeros(n_out, dtype)
+            np.testing.assert_allclose(out[2], want + base * acc, **TOL[dtype])
+            assert np.isnan(out[:2]).all()                  # other rows untouched
+            _scalar_combine(ref, 2, idx, val, q0, q1, M, acc)
             np.testing.assert_array_equal(out[2], ref[2])   # same fused multiply-adds, same order
 
 
 def _check_whole_row_intrinsic(dtype, intrinsic, taken, twin, seed):
     """An intrinsic that sums whole rows of some widths (taken(n_out, lanes)),
     called directly from compiled code, for every width up to 18 vectors and even
-    and odd counts of terms: rows it takes equal twin's to the bit (and NumPy's
-    to tolerance), other rows of out and other widths are left alone."""
+    and odd counts of terms, written and added to the row's values (acc): rows it
+    takes equal twin's to the bit (and NumPy's to tolerance), other rows of out and
+    other widths are left alone."""
     from numba import njit
     from fastmlp.kernels.simd import VECTOR_BYTES
 
     @njit
-    def call(out, i, idx, val, q0, q1, M):
-        intrinsic(out, i, idx, val, q0, q1, M)
+    def call(out, i, idx, val, q0, q1, M, acc):
+        intrinsic(out, i, idx, val, q0, q1, M, acc)
     lanes = VECTOR_BYTES // np.dtype(dtype).itemsize
     rng = np.random.default_rng(seed)
     for n_out in range(1, 16 * lanes + 9):
         M = rand(rng, (40, n_out), dtype)
         idx = rng.integers(0, 40, 23).astype(np.int32)
         val = rand(rng, 23, dtype)
-        for q0, q1 in ((0, 23), (0, 22), (5, 6), (5, 7), (7, 7)):
+        base = rand(rng, n_out, dtype)
+        for (q0, q1), acc in itertools.product(((0, 23), (0, 22), (5, 6), (5, 7), (7, 7)),
+                                               (False, True)):
             out = np.full((3, n_out), np.nan, dtype)
-            call(out, 1, idx, val, q0, q1, M)
+            out[1] = base
+            ref = out.copy()
+            call(out, 1, idx, val, q0, q1, M, acc)
             if not taken(n_out, lanes):
-                assert np.isnan(out).all()
+                assert np.isnan(out[[0, 2]]).all() and np.array_equal(out[1], base)
                 continue
             assert np.isnan(out[[0, 2]]).all()
             want = val[q0:q1] @ M[idx[q0:q1]] if q1 > q0 else np.zeros(n_out, dtype)
-            np.testing.assert_allclose(out[1], want, **TOL[dtype])
-            ref = np.full_like(out, np.nan)
-            twin(ref, 1, idx, val, q0, q1, M)
+            np.testing.assert_allclose(out[1], want + base * acc, **TOL[dtype])
+            twin(ref, 1, idx, val, q0, q1, M, acc)
             np.testing.assert_array_equal(out, ref)
 
 
@@ -543,9 +558,9 @@ def _scalar_combine2_kernel():
     from numba import njit
 
     @njit(fastmath={"contract"})
-    def scalar(out, i, idx, val, q0, q1, M):
+    def scalar(out, i, idx, val, q0, q1, M, add):
         for j in range(M.shape[1]):
-            even = out.dtype.type(0)
+            even = out[i, j] if add else out.dtype.type(0)
             odd = out.dtype.type(0)
             q = q0
             while q + 1 < q1:
@@ -582,7 +597,7 @@ def test_combine_narrow_row_every_width(dtype):
     val = rand(rng, 23, dtype)
     one, two = np.zeros((1, 32), dtype), np.zeros((1, 32), dtype)
     _scalar_combine(one, 0, idx, val, 0, 23, M)
-    _scalar_combine2_kernel()(two, 0, idx, val, 0, 23, M)
+    _scalar_combine2_kernel()(two, 0, idx, val, 0, 23, M, False)
     assert not np.array_equal(one, two)
 
 
@@ -592,4 +607,4 @@ def test_sparse_combine_row_refuses_strided_arrays():
     M = np.ones((8, 16), np.float32)
     with pytest.raises(TypingError, match="C-contiguous"):
         sparse_combine_row(np.zeros((2, 8), np.float32), 0, np.zeros(2, np.int32),
-                           np.ones(2, np.float32), 0, 2, M[:, ::2])
+                           np.ones(2, np.float32), 0, 2, M[:, ::2], False)
