@@ -48,13 +48,18 @@ def num_threads(threads):
 _NO_INDICES = np.zeros(0, dtype=np.int32)
 
 
-def to_csr(X):
+class NonFiniteInput(ValueError):
+    """The training input holds a NaN or an infinity (Engine.prepare with
+    check_finite)."""
+
+
+def to_csr(X, check_finite=False):
     """CSR arrays (indptr int64, indices int32, values) of a dense 2-D array: two
     compiled passes over the rows (count, fill), 5-10x faster than np.nonzero."""
-    return split_csr(X, np.arange(X.shape[1], dtype=np.int64), 0)[1:]
+    return split_csr(X, np.arange(X.shape[1], dtype=np.int64), 0, check_finite=check_finite)[1:]
 
 
-def split_csr(X, perm, n_dense, levels=None):
+def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     """(dense, indptr, indices, values): X's columns in the order perm, the first
     n_dense of them as a dense C-contiguous array (n, n_dense), the rest as CSR
     arrays whose column indices are positions in perm, in X's column order within
@@ -62,7 +67,9 @@ def split_csr(X, perm, n_dense, levels=None):
     does). Two compiled passes over the rows (count, fill). With levels (a divisor
     d) the dense array is uint8, each value's 8-bit level c with c / d == the value
     exactly (see levels_of), unless some value is not one: then a third pass fills
-    it with the values, in X's dtype."""
+    it with the values, in X's dtype. With check_finite, raises NonFiniteInput
+    where X holds a NaN or an infinity (found by the counting pass, which reads
+    every value anyway; NaN counts as a nonzero otherwise)."""
     X = np.ascontiguousarray(X)
     perm = np.asarray(perm, dtype=np.int64)
     where = np.empty(X.shape[1], dtype=np.int32)
@@ -73,6 +80,7 @@ def split_csr(X, perm, n_dense, levels=None):
     counts = np.empty(X.shape[0], dtype=np.int64)
     dense.csr_rows(X, where, cols, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
                    np.zeros((0, 0), dtype=kind), d, False)
+    _finite_rows(counts, check_finite)
     indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(indptr[-1], dtype=np.int32)
@@ -83,6 +91,28 @@ def split_csr(X, perm, n_dense, levels=None):
         Xd = np.empty((X.shape[0], len(cols)), dtype=X.dtype)
         dense.csr_rows(X, where, cols, counts, indptr, indices, values, Xd, d, True)
     return Xd, indptr, indices, values
+
+
+def _finite_rows(counts, check_finite):
+    """counts from csr_rows' counting pass, with rows that hold a NaN or an infinity
+    (-1 - c) turned back into c; with check_finite, raises NonFiniteInput instead."""
+    bad = counts < 0
+    if bad.any():
+        if check_finite:
+            raise NonFiniteInput("X: contains NaN or infinity")
+        counts[bad] = -1 - counts[bad]
+
+
+def check_finite_input(X):
+    """Raise NonFiniteInput where X (2-D, C-contiguous, float) holds a NaN or an
+    infinity: csr_rows' counting pass with every column dense (it counts nothing
+    then), parallel, without the boolean array np.isfinite would make."""
+    n, m = X.shape
+    counts = np.empty(n, dtype=np.int64)
+    dense.csr_rows(X, np.arange(m, dtype=np.int32), np.arange(m, dtype=np.int64), counts,
+                   counts, _NO_INDICES, np.zeros(0, dtype=X.dtype), np.zeros((0, 0), dtype=X.dtype),
+                   X.dtype.type(1), False)
+    _finite_rows(counts, True)
 
 
 # Divisors d tried, in order, for inputs whose values are all 8-bit levels c / d:
@@ -211,7 +241,13 @@ class Engine:
         with num_threads(self.threads), threadpool_limits(limits=1, user_api="blas"):
             yield
 
-    def prepare(self, X, Y):
+    def prepare(self, X, Y, check_finite=False):
+        """Take the training set (X, Y) for the next runs of batches: a sparse X is
+        split (the CSR, and its often-nonzero columns as a dense array), and the
+        workspaces allocated where the shapes changed. With check_finite, raises
+        NonFiniteInput where X holds a NaN or an infinity (a sparse X's split finds
+        them as it counts its nonzeros, at no cost: scikit-learn's own check of
+        MNIST's training set took 7.7 ms, a 12th of an epoch)."""
         import numba
         m = self.model
         _contiguous_params(m)
@@ -231,13 +267,15 @@ class Engine:
             if n_dense >= MIN_DENSE_COLUMNS:
                 self.perm = perm
                 levels = levels_of(X)
-                self.X, self.indptr, self.indices, self.values = split_csr(X, perm, n_dense,
-                                                                           levels)
+                self.X, self.indptr, self.indices, self.values = split_csr(
+                    X, perm, n_dense, levels, check_finite)
                 self.levels = m.dtype.type(levels if self.X.dtype == np.uint8 else 1)
             else:
-                self.indptr, self.indices, self.values = to_csr(X)
+                self.indptr, self.indices, self.values = to_csr(X, check_finite)
                 self.X = np.zeros((1, 0), dtype=m.dtype)
         else:
+            if check_finite:
+                check_finite_input(X)
             self.X = X
             self.indptr = np.zeros(1, dtype=np.int64)
             self.indices = np.zeros(0, dtype=np.int32)

@@ -24,7 +24,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
-from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
 from . import losses, reference
 from ._interrupt import StopOnInterrupt
@@ -136,9 +136,17 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                 self._label_binarizer.fit(classes)
         return self._fit(X, y, incremental=True)
 
+    def _engine_checks_finite(self):
+        """Whether training's own pass over X finds a NaN or an infinity, so that
+        validation need not: the compiled epoch's Engine.prepare does, where the
+        whole training set reaches it (not with early stopping, which keeps part of
+        it for validation)."""
+        return self.solver in ("sgd", "adam") and self.backend == "numba" and \
+            not self.early_stopping
+
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(self, X, y, multi_output=True, dtype=(np.float64, np.float32),
-                             reset=reset)
+                             reset=reset, ensure_all_finite=not self._engine_checks_finite())
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
@@ -165,6 +173,23 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         return [int(s) for s in sizes]
 
     def _fit(self, X, y, incremental):
+        if not self._engine_checks_finite():
+            return self._fit_checked(X, y, incremental)
+        from ._numba_backend import NonFiniteInput
+        before = dict(self.__dict__)
+        try:
+            return self._fit_checked(X, y, incremental)
+        except NonFiniteInput as e:
+            # As scikit-learn's own check would have: nothing fitted changes, and
+            # its message.
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            error = e
+        check_array(X, dtype=None, ensure_2d=False, ensure_all_finite=True, estimator=self,
+                    input_name="X")
+        raise error
+
+    def _fit_checked(self, X, y, incremental):
         hidden = self._hidden_sizes()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected None, 'float32' or 'float64', got {self.dtype!r}")
@@ -184,8 +209,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                 f"{[self.coefs_[0].shape[0]] + [c.shape[1] for c in self.coefs_]}, this fit "
                 f"needs {layer_units}; refit from scratch (warm_start=False)")
         model = self._model()
-        # validate_data has found X finite; a cast to another dtype (float64 input,
-        # float32 parameters) must stay finite too: fastmlp's own input check.
+        # validate_data has found X finite (or training will: _engine_checks_finite);
+        # a cast to another dtype (float64 input, float32 parameters) must stay
+        # finite too: fastmlp's own input check.
         X = model.check_input(X) if X.dtype != model.dtype else np.ascontiguousarray(X)
         if self.solver in ("sgd", "adam"):
             self._fit_stochastic(model, X, Y, incremental)
@@ -277,7 +303,10 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                              self._optimizer)
         self.n_iter_ = 0
         with engine.threads_context(), StopOnInterrupt() as interrupt:
-            engine.prepare(np.ascontiguousarray(X), np.ascontiguousarray(Y, dtype=model.dtype))
+            # (only the numba Engine takes check_finite)
+            check = {"check_finite": True} if self._engine_checks_finite() else {}
+            engine.prepare(np.ascontiguousarray(X), np.ascontiguousarray(Y, dtype=model.dtype),
+                           **check)
             # prepare may replace non-contiguous parameters; training updates these in place.
             self.coefs_, self.intercepts_ = model.weights, model.biases
             for _ in range(self.max_iter):

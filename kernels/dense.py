@@ -503,8 +503,10 @@ def csr_rows(X, where, cols, counts, indptr, indices, values, dense, d, fill):
     position where[c] (a permutation of the columns, int32): the first n_dense =
     len(cols) positions go to the dense array dense (n, n_dense), column cols[w]
     of X to position w (cols is where's inverse there), the rest to a CSR whose
-    column indices are those positions. fill False: counts[i] = the number of
-    nonzeros of row i in the CSR's columns (nothing else is touched). fill True:
+    column indices are those positions. fill False: counts[i] = c, the number of
+    nonzeros of row i in the CSR's columns (NaN counts as one), or -1 - c where
+    the row holds a NaN or an infinity, which this pass over every value finds
+    for free (nothing else is touched). fill True:
     dense's rows, and the CSR's indices and values at indptr's offsets, in X's
     column order (ascending where where ascends over the CSR's columns). A uint8
     dense gets each value's 8-bit level (row_levels, with d), and counts[i] = 1
@@ -523,11 +525,15 @@ def csr_rows(X, where, cols, counts, indptr, indices, values, dense, d, fill):
     n_dense = cols.shape[0]
     for i in prange(X.shape[0]):
         if not fill:
-            # Branch-free, so that LLVM vectorises it.
+            # Branch-free, so that LLVM vectorises it. x - x is 0 for every
+            # finite x, NaN for NaN and the infinities.
             c = 0
+            non_finite = 0
             for j in range(n_cols):
-                c += (X[i, j] != 0) & (where[j] >= n_dense)
-            counts[i] = c
+                x = X[i, j]
+                c += (x != 0) & (where[j] >= n_dense)
+                non_finite += (x - x) != 0
+            counts[i] = c if non_finite == 0 else -1 - c
             continue
         counts[i] = 0 if row_levels(dense, X, i, d) else 1
         for w in range(n_dense):

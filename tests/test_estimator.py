@@ -154,8 +154,8 @@ def test_images_as_levels_fit_like_the_float_copy_and_scikit_learn(dtype, monkey
     kept = []
     prepare = _numba_backend.Engine.prepare
 
-    def spy(engine, *args):
-        prepare(engine, *args)
+    def spy(engine, *args, **kwargs):
+        prepare(engine, *args, **kwargs)
         kept.append(engine.X.dtype)
     monkeypatch.setattr(_numba_backend.Engine, "prepare", spy)
     fits = []
@@ -281,6 +281,40 @@ def test_unsupported_arguments_are_refused_not_ignored():
         MLPClassifier(hidden_layer_sizes=(4, 0)).fit(X, y)
     with pytest.raises(ValueError, match="NaN"):
         MLPClassifier().fit(np.where(X > 2, np.nan, X), y)
+
+
+@pytest.mark.parametrize("kind", ["split", "csr", "dense"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_found_by_training_is_refused_like_scikit_learn(kind, bad):
+    """The numba backend's stochastic solvers find a NaN or an infinity in X as
+    they prepare it (a sparse input's split counts every value) instead of
+    validation: the error is scikit-learn's own, and nothing fitted changes, as
+    when scikit-learn checks first. kind: a sparse input with often-nonzero
+    columns (split), without them (the CSR alone), or dense."""
+    from sklearn.neural_network import MLPClassifier as Sk
+    rng = np.random.default_rng(11)
+    X = rng.random((200, 40)).astype(np.float32)
+    if kind != "dense":
+        X[rng.random(X.shape) < (0.9 if kind == "csr" else np.where(np.arange(40) < 20, 0.3,
+                                                                     0.95))] = 0
+    y = rng.integers(0, 3, 200)
+    bad_X = X.copy()
+    bad_X[137, 29] = bad
+    for solver in ("adam", "sgd"):
+        with pytest.raises(ValueError) as sk_error:
+            Sk(solver=solver).fit(bad_X, y)
+        est = MLPClassifier(solver=solver, max_iter=2, random_state=0)
+        with pytest.raises(ValueError) as error:
+            est.fit(bad_X, y)
+        assert str(error.value) == str(sk_error.value)
+        assert not [k for k in vars(est) if k.endswith("_")]      # not fitted
+        est.fit(X, y)
+        fitted = pickle.dumps(est)
+        for again in (lambda: est.partial_fit(bad_X, y),
+                      lambda: est.set_params(warm_start=True).fit(bad_X, y)):
+            with pytest.raises(ValueError, match=str(error.value)[:20]):
+                again()
+            assert pickle.dumps(est.set_params(warm_start=False)) == fitted
 
 
 def test_import_fastmlp_does_not_import_sklearn():

@@ -404,6 +404,37 @@ def test_split_csr_keeps_levels_exactly(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_finds_nan_and_infinity_as_it_counts(dtype):
+    """csr_rows' counting pass marks rows holding a NaN or an infinity: with
+    check_finite, split_csr, to_csr and check_finite_input refuse them (whichever
+    column, dense or CSR, and whatever the row's other values); without, the split
+    is the one NumPy's twin gives (NaN and infinities are nonzeros)."""
+    from fastmlp._numba_backend import (NonFiniteInput, check_finite_input, split_csr,
+                                        to_csr)
+    rng = np.random.default_rng(29)
+    X = (rng.random((60, 37)) * (rng.random((60, 37)) < 0.4)).astype(dtype)
+    perm = rng.permutation(37)
+    split_csr(X, perm, 12, check_finite=True)
+    to_csr(X, check_finite=True)
+    check_finite_input(X)
+    for bad in (np.nan, np.inf, -np.inf):
+        for col in (perm[3], perm[30]):             # a dense column, a CSR one
+            Y = X.copy()
+            Y[rng.integers(60), col] = bad
+            for refuse in (lambda: split_csr(Y, perm, 12, check_finite=True),
+                           lambda: to_csr(Y, check_finite=True),
+                           lambda: check_finite_input(Y)):
+                with pytest.raises(NonFiniteInput, match="NaN or infinity"):
+                    refuse()
+            indptr, indices, values = to_csr(Y)
+            r, c = np.nonzero(Y)
+            np.testing.assert_array_equal(indptr, np.r_[0, np.cumsum(np.bincount(r,
+                                                                         minlength=60))])
+            np.testing.assert_array_equal(indices, c)
+            np.testing.assert_array_equal(values, Y[r, c])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_levels_of(dtype):
     """The divisor an input's sampled rows are 8-bit levels of, else None."""
     from fastmlp._numba_backend import levels_of
