@@ -163,7 +163,19 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
             elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
                 raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has "
                                  f"{self.classes_}. 'y' has {classes}.")
-        return X, self._label_binarizer.transform(y).astype(bool)
+        return X, self._indicators(y)
+
+    def _indicators(self, y):
+        """The label binarizer's indicator matrix of y, as bool. For a multiclass
+        binarizer (three or more classes) and a 1-D y, y compared with each class:
+        the same matrix, labels it does not know giving rows of zeros as
+        label_binarize's do, without its sparse matrix (MNIST's 60,000 labels: 0.6
+        against 2.1-3.5 ms)."""
+        lb = self._label_binarizer
+        classes = lb.classes_
+        if lb.y_type_ != "multiclass" or len(classes) < 3 or np.ndim(y) != 1:
+            return lb.transform(y).astype(bool)
+        return np.asarray(y)[:, None] == classes
 
     def _hidden_sizes(self):
         sizes = self.hidden_layer_sizes

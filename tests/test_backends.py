@@ -207,3 +207,24 @@ def test_property_numba_step_matches_reference(sizes, hidden, out, batch, n, sca
     for a, b in zip(ref_model.weights + ref_model.biases, got_model.weights + got_model.biases):
         assert np.isfinite(b).all()
         np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_engine_runs_scipys_blas_on_one_thread_and_restores_it():
+    """Inside threads_context every BLAS threadpoolctl knows (SciPy's, which the
+    compiled np.dot calls, among them) runs one thread, twice in a row (the
+    controller is made once per process), and the counts are back afterwards."""
+    import scipy.linalg.cython_blas  # noqa: F401
+    from threadpoolctl import threadpool_info
+    from fastmlp import _numba_backend
+    m = fastmlp.MLP([6, 5, 3], ["relu", "softmax"], seed=0)
+    engine = _numba_backend.Engine(m, "cross_entropy", 4, None)
+
+    def blas():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info()
+                if i["user_api"] == "blas"}
+    before = blas()
+    assert any("scipy" in path for path in before)
+    for _ in range(2):
+        with engine.threads_context():
+            assert set(blas().values()) == {1}
+        assert blas() == before

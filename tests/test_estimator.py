@@ -317,6 +317,28 @@ def test_non_finite_input_found_by_training_is_refused_like_scikit_learn(kind, b
             assert pickle.dumps(est.set_params(warm_start=False)) == fitted
 
 
+def test_indicator_matrix_is_the_label_binarizers():
+    """_indicators' shortcut for multiclass labels (numbers, strings, objects,
+    labels the binarizer does not know) against LabelBinarizer.transform, and the
+    binary and multilabel cases it leaves to it."""
+    from sklearn.preprocessing import LabelBinarizer
+    rng = np.random.default_rng(13)
+    cases = [(rng.integers(0, 10, 500), None),
+             (rng.choice(np.array(["a", "bb", "c", "z"]), 300), None),
+             (rng.choice(np.array(["a", "bb", "c"], dtype=object), 300), None),
+             (rng.integers(-3, 3, 200).astype(float), None),
+             (np.array([1, 5, 3, 0, 2]), [1, 2, 3]),            # 5 and 0 unknown
+             (rng.integers(0, 2, 100), None),                   # binary
+             (rng.integers(0, 2, (100, 4)), None)]              # multilabel
+    for y, classes in cases:
+        est = MLPClassifier()
+        est._label_binarizer = LabelBinarizer().fit(y if classes is None else classes)
+        got = est._indicators(y)
+        want = est._label_binarizer.transform(y).astype(bool)
+        assert got.dtype == bool and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
 def test_import_fastmlp_does_not_import_sklearn():
     code = "import sys, fastmlp; assert 'sklearn' not in sys.modules; print('ok')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
