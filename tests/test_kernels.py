@@ -173,6 +173,57 @@ def test_output_delta_rows(dtype, out_act, loss):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_cross_entropy_delta_odd_targets(dtype):
+    """output_delta_rows' shortcuts for softmax + cross-entropy (one logarithm for a
+    target with one nonzero, argmaxes by selects) against the plain loops they
+    replaced, to the bit: one-hot rows, soft labels, all-zero rows, a lone
+    negative or NaN target, ties and NaN in the outputs."""
+    from numba import njit
+
+    @njit(error_model="numpy")
+    def plain(A, Y, D, tiny):
+        total, correct = 0.0, 0
+        for r in range(A.shape[0]):
+            row_loss = A.dtype.type(0)
+            for j in range(A.shape[1]):
+                D[r, j] = A[r, j] - Y[r, j]
+                if Y[r, j] != 0:
+                    row_loss -= Y[r, j] * np.log(max(A[r, j], tiny))
+            total += row_loss
+            ia, iy = 0, 0
+            for j in range(1, A.shape[1]):
+                if A[r, j] > A[r, ia]:
+                    ia = j
+                if Y[r, j] > Y[r, iy]:
+                    iy = j
+            correct += ia == iy
+        return total, correct
+    rng = np.random.default_rng(17)
+    A = activations.FORWARD["softmax"](rand(rng, (40, 7), dtype, 2.0))
+    Y = np.eye(7, dtype=dtype)[rng.integers(0, 7, 40)]
+    Y[1] = rng.dirichlet(np.ones(7))                  # soft labels
+    Y[2] = 0                                          # no target
+    Y[3] = 0
+    Y[3, 4] = -0.5                                    # a lone negative one
+    Y[4, 2] = np.nan
+    A[5] = A[5, 0]                                    # ties: the first wins
+    A[6, 3] = np.nan
+    A[7, 0] = np.nan
+    tiny = dtype(np.finfo(dtype).tiny)
+    D, D_plain = np.empty_like(A), np.empty_like(A)
+    got = dense.output_delta_rows(losses.CODES["cross_entropy"], activations.CODES["softmax"], A,
+                                  Y, D, tiny, dtype(1), 0, 40)
+    want = plain(A, Y, D_plain, tiny)
+    assert np.isnan(got[0]) and np.isnan(want[0])
+    assert got[1] == want[1]
+    np.testing.assert_array_equal(D, D_plain)
+    ok = ~np.isnan(Y).any(1) & ~np.isnan(A).any(1)
+    got = dense.output_delta_rows(losses.CODES["cross_entropy"], activations.CODES["softmax"],
+                                  A[ok], Y[ok], D[:ok.sum()], tiny, dtype(1), 0, int(ok.sum()))
+    assert got == plain(A[ok], Y[ok], D_plain[:ok.sum()], tiny)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sgd_update(dtype):
     rng = np.random.default_rng(0)
     W, b = rand(rng, (17, 5), dtype), rand(rng, 5, dtype)
