@@ -39,12 +39,15 @@ DTYPES = {None: None, "float32": np.float32, "float64": np.float64, np.float32: 
 
 
 def _shuffled(idx, random_state):
-    """sklearn.utils.shuffle(idx, random_state=random_state): the same draw from
+    """sklearn.utils.shuffle(idx, random_state=random_state): the same draws from
     random_state and the same order, without its argument checks and indexing
-    dispatch (MNIST's 60,000 rows, once an epoch: 0.7 ms against 0.85-1.0)."""
-    order = np.arange(idx.shape[0])
-    random_state.shuffle(order)
-    return idx[order]
+    dispatch. scikit-learn shuffles arange(n) and takes idx in that order; the
+    shuffle's swaps depend only on n and the draws, so shuffling a copy of idx
+    gives the same array without the gather (MNIST's 60,000 rows, once an epoch:
+    0.6 against 0.95 ms, and 0.85-1.0 through sklearn.utils.shuffle)."""
+    out = idx.copy()
+    random_state.shuffle(out)
+    return out
 
 
 class MLPClassifier(ClassifierMixin, BaseEstimator):
