@@ -110,8 +110,8 @@ def check_finite_input(X):
     n, m = X.shape
     counts = np.empty(n, dtype=np.int64)
     dense.csr_rows(X, np.arange(m, dtype=np.int32), np.arange(m, dtype=np.int64), counts,
-                   counts, _NO_INDICES, np.zeros(0, dtype=X.dtype), np.zeros((0, 0), dtype=X.dtype),
-                   X.dtype.type(1), False)
+                   counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
+                   np.zeros((0, 0), dtype=X.dtype), X.dtype.type(1), False)
     _finite_rows(counts, True)
 
 
@@ -242,6 +242,9 @@ class Engine:
         self.model, self.loss, self.batch_size, self.threads = model, loss, batch_size, threads
         self.optimizer = optimizer if optimizer is not None else Optimizer("sgd")
         self._ws_key = None
+        # W_1's moments left in the workspaces by train_batches(keep_moments=True):
+        # (the optimiser's array, its workspace), until release().
+        self._kept = []
 
     @contextlib.contextmanager
     def threads_context(self):
@@ -262,6 +265,8 @@ class Engine:
         them as it counts its nonzeros, at no cost: scikit-learn's own check of
         MNIST's training set took 7.7 ms, a 12th of an epoch)."""
         import numba
+        # Kept moments go back in the current row order before it can change.
+        self.release()
         m = self.model
         _contiguous_params(m)
         self.Y = Y
@@ -394,7 +399,13 @@ class Engine:
         vbs = tuple(s.get("vb", mbs))
         return opt.code, hyper, s["step"], Ms, Vs, mbs, vbs
 
-    def train_batches(self, order, bs, b0, b1, lr, stop=None):
+    def train_batches(self, order, bs, b0, b1, lr, stop=None, keep_moments=False):
+        """Train batches b0..b1-1 of order (see fastmlp.kernels.epoch.train_epoch).
+        With keep_moments, W_1's optimiser moments stay in the Engine's workspaces
+        after a run that returns, for the next run to continue from as they are,
+        until release() puts them back: the caller calls it before anything else
+        reads them (the estimator, in a finally around its epochs). W_1 itself is
+        always put back."""
         m = self.model
         opt, hyper, step, Ms, Vs, mbs, vbs = self._optimizer_args()
         Ws = tuple(m.weights)
@@ -402,28 +413,51 @@ class Engine:
             return self._train_batches(order, bs, b0, b1, lr, stop, Ws, opt, hyper, step, Ms, Vs,
                                        mbs, vbs)
         # The kernels see W_1 and its moments with their rows in the order of the
-        # split input's columns (perm), in workspaces; they are put back in place
-        # however the run ends. An array standing in for an unused moment is W_1
-        # itself, and gets W_1's workspace.
+        # split input's columns (perm), in workspaces (W_1's, then each moment's);
+        # they are put back in place however the run ends, except kept moments. An
+        # array standing in for an unused moment is W_1 itself (or the first
+        # moment), and shares its workspace.
+        kept, self._kept = self._kept, []
         moved = []
 
-        def permuted(a):
-            for orig, buf in moved:
+        def permuted(a, buf):
+            for orig, b in moved:
                 if orig is a:
-                    return buf
-            buf = self.permuted[len(moved)]
-            np.take(a, self.perm, axis=0, out=buf)
+                    return b
+            if not any(orig is a and b is buf for orig, b in kept):
+                np.take(a, self.perm, axis=0, out=buf)
             moved.append((a, buf))
             return buf
-        Ws = (permuted(Ws[0]),) + Ws[1:]
-        Ms = (permuted(Ms[0]),) + tuple(Ms[1:])
-        Vs = (permuted(Vs[0]),) + tuple(Vs[1:])
+        W1, M1, V1 = Ws[0], Ms[0], Vs[0]
+        for orig, buf in kept:
+            # Kept by a run this one does not continue: back first.
+            if not ((orig is M1 and buf is self.permuted[1]) or
+                    (orig is V1 and buf is self.permuted[2])):
+                orig[self.perm] = buf
+        kept = [(o, b) for o, b in kept if (o is M1 and b is self.permuted[1]) or
+                (o is V1 and b is self.permuted[2])]
+        Ws = (permuted(W1, self.permuted[0]),) + Ws[1:]
+        Ms = (permuted(M1, self.permuted[1]),) + tuple(Ms[1:])
+        Vs = (permuted(V1, self.permuted[2]),) + tuple(Vs[1:])
+        returned = False
         try:
-            return self._train_batches(order, bs, b0, b1, lr, stop, Ws, opt, hyper, step, Ms, Vs,
-                                       mbs, vbs)
+            result = self._train_batches(order, bs, b0, b1, lr, stop, Ws, opt, hyper, step, Ms,
+                                         Vs, mbs, vbs)
+            returned = True
+            return result
         finally:
             for orig, buf in moved:
-                orig[self.perm] = buf
+                if keep_moments and returned and buf is not self.permuted[0]:
+                    self._kept.append((orig, buf))
+                else:
+                    orig[self.perm] = buf
+
+    def release(self):
+        """Put W_1's moments kept by train_batches(keep_moments=True) back in their
+        arrays, in the input's column order."""
+        kept, self._kept = self._kept, []
+        for orig, buf in kept:
+            orig[self.perm] = buf
 
     def _train_batches(self, order, bs, b0, b1, lr, stop, Ws, opt, hyper, step, Ms, Vs, mbs,
                        vbs):

@@ -356,7 +356,11 @@ class _NumpyEngine:
     def prepare(self, X, Y):
         self.X, self.Y = X, Y
 
-    def train_batches(self, order, bs, b0, b1, lr, stop=None):
+    def release(self):
+        """Nothing to put back (see the numba Engine's)."""
+
+    def train_batches(self, order, bs, b0, b1, lr, stop=None, keep_moments=False):
+        # (the numba Engine's keep_moments has nothing to keep here)
         m = self.model
         return reference.train_batches(m.weights, m.biases, m.activations, self.loss,
                                        self.X, self.Y, lr, order, bs, b0, b1, stop,

@@ -24,16 +24,16 @@ SQUARED_ERROR, CROSS_ENTROPY = 0, 1
 
 @njit(cache=True, error_model="numpy")
 def csr_matmul_rows(indptr, parts, c, indices, values, rows, W, out, r0, r1, acc):
-    """out[r] = x W (out[r] += x W where acc) for rows r0..r1-1, where x is part c
-    of row rows[r] of a CSR matrix (indptr, indices, values) whose rows are each
-    cut into `parts` runs of nonzeros: row i's part c is indptr[i * parts + c] ..
+    """out[r] = x W (out[r] += x W where acc) for rows r0..r1-1, where x is part c of
+    row rows[r] of a CSR matrix (indptr, indices, values) whose rows are each cut
+    into `parts` runs of nonzeros: row i's part c is indptr[i * parts + c] ..
     indptr[i * parts + c + 1] - 1 (parts = 1: a plain CSR; see csr_column_cuts).
-    Only nonzero inputs cost anything. The next row's nonzeros are prefetched while this one is combined
-    (one MNIST epoch of 100-unit products in shuffled order, one thread: 0.060
-    against 0.072 s), and the row after next's offsets in indptr, which
-    prefetching the next row's nonzeros reads: a shuffled row's offsets are a cache
-    miss, and reading them there stalled (perf: 11% of a seed002 epoch's compiled
-    time).
+    Only nonzero inputs cost anything. The next row's nonzeros are prefetched while
+    this one is combined (one MNIST epoch of 100-unit products in shuffled order,
+    one thread: 0.060 against 0.072 s), and the row after next's offsets in indptr,
+    which prefetching the next row's nonzeros reads: a shuffled row's offsets are a
+    cache miss, and reading them there stalled (perf: 11% of a seed002 epoch's
+    compiled time).
 
     Rows of one to four vectors (8-32 float32 units) sum in two chains per vector
     (combine_narrow_row; not the same bits as one chain): one MNIST epoch of

@@ -140,8 +140,9 @@ def _emit_combine(builder, vec, o, ix, vl, m, i_, j0_, q0_, q1_, n_vec, acc_, jl
 def _emit_combine2(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, acc_, jl_):
     """_emit_combine's sum for a row of n_vec vectors (the last at jl) with two
     accumulators per vector: the terms q0, q0+2, ... in one (which starts from
-    out's values where acc_), q0+1, q0+3, ... in the other, added at the end. A narrow row has too few vectors to keep both FMA
-    units busy with one chain each (an FMA waits for the one before in its chain)."""
+    out's values where acc_), q0+1, q0+3, ... in the other, added at the end. A
+    narrow row has too few vectors to keep both FMA units busy with one chain each
+    (an FMA waits for the one before in its chain)."""
     j0_ = ir.Constant(vec.intp, 0)
 
     def ptr(base, v):

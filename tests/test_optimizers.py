@@ -227,6 +227,54 @@ def test_dense_columns_as_levels_train_the_same_bits(dtype, d, monkeypatch):
         assert p.tobytes() == q.tobytes()
 
 
+@pytest.mark.parametrize("name,kw", [("adam", {"alpha": 1e-3}), ("momentum", {"momentum": 0.9}),
+                                     ("sgd", {"alpha": 1e-3})])
+def test_kept_moments_train_the_same_bits_and_go_back(name, kw):
+    """train_batches(keep_moments=True) leaves W_1's moments in the Engine's row
+    order between runs: after release(), weights and moments are those of runs
+    that put them back every time, to the bit; prepare() puts them back too, and
+    a run with other moment arrays (a new optimiser) puts the kept ones back first."""
+    from fastmlp import _numba_backend
+    rng = np.random.default_rng(5)
+    X, y = split_data(rng, 103)
+    Y = np.eye(3)[y]
+    order = rng.permutation(103)
+
+    def engine():
+        m = fastmlp.MLP([60, 24, 3], ["relu", "softmax"], dtype="float64", seed=3)
+        e = _numba_backend.Engine(m, "cross_entropy", 10, 2, Optimizer(name, **kw))
+        e.prepare(X, Y)
+        assert e.perm is not None
+        return e
+
+    def state(e):
+        s = e.optimizer.state
+        return [a.tobytes() for a in e.model.weights + e.model.biases +
+                [w for k in ("mW", "vW") for w in s.get(k, [])]]
+    with _numba_backend.num_threads(2):
+        plain, kept = engine(), engine()
+        for _ in range(3):
+            plain.train_batches(order, 10, 0, 11, 0.05)
+            kept.train_batches(order, 10, 0, 11, 0.05, keep_moments=True)
+        if name != "sgd":       # the moments really stayed in the workspaces
+            assert state(kept) != state(plain)
+        kept.release()
+        assert state(kept) == state(plain)
+        kept.release()          # nothing left to put back
+        assert state(kept) == state(plain)
+        kept.train_batches(order, 10, 0, 11, 0.05, keep_moments=True)
+        kept.prepare(X, Y)
+        plain.train_batches(order, 10, 0, 11, 0.05)
+        assert state(kept) == state(plain)
+        kept.train_batches(order, 10, 0, 11, 0.05, keep_moments=True)
+        old = kept.optimizer
+        kept.optimizer = Optimizer(name, **kw)
+        kept.train_batches(order, 10, 0, 11, 0.05)
+        plain.train_batches(order, 10, 0, 11, 0.05)
+        assert [a.tobytes() for k in ("mW", "vW") for a in old.state.get(k, [])] == \
+            [a.tobytes() for k in ("mW", "vW") for a in plain.optimizer.state.get(k, [])]
+
+
 def test_optimizer_state_survives_checkpoint_resume(tmp_path):
     """Adam's moments and step count are part of the checkpoint: resuming gives the
     bytes of an uninterrupted run."""
