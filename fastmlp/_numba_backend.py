@@ -218,6 +218,16 @@ def splits_columns(model):
         dense.FWD_MIN_BYTES
 
 
+def _same(a, b):
+    """Whether a and b are the same objects (tuples: element by element; numbers
+    and flags: equal)."""
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, (bool, int, np.integer)) and not isinstance(a, np.ndarray):
+        return type(a) is type(b) and a == b
+    return a is b
+
+
 _BLAS = []
 
 
@@ -245,6 +255,8 @@ class Engine:
         # W_1's moments left in the workspaces by train_batches(keep_moments=True):
         # (the optimiser's array, its workspace), until release().
         self._kept = []
+        # (the arguments, fns, ofn, kernels) of the last run (see _train_batches).
+        self._kernels_for = None
 
     @contextlib.contextmanager
     def threads_context(self):
@@ -465,22 +477,53 @@ class Engine:
             stop = np.zeros(1, dtype=np.int64)
         bs_ = tuple(self.model.biases)
         order = np.ascontiguousarray(order, dtype=np.int64)
-        # The arguments of the two per-chunk kernels after the chunk number. Each is
-        # compiled (or loaded from the cache) on its own for exactly these types, and
-        # train_epoch calls it through its address.
+        plain = opt == epoch.SGD and self.optimizer.alpha == 0
+        # The kernels' addresses depend only on the types of their arguments: a run
+        # with the same arrays as the run before (every epoch of a fit) takes the
+        # same ones, without working out their types again (0.2 ms an epoch).
+        key = (Ws, bs_, Ms, Vs, mbs, vbs, opt, plain, order.flags.writeable, self._ws_key,
+               self.X, self.levels, self.indptr, self.Y, self.cptr, self.Ps, self.cuts)
+        if self._kernels_for is not None and _same(self._kernels_for[0], key):
+            fns, ofn, kernels = self._kernels_for[1:]
+        else:
+            fns, ofn, kernels = self._kernels(Ws, bs_, order, opt, plain, Ms, Vs, mbs, vbs)
+            self._kernels_for = (key, fns, ofn, kernels)
+        fb_args = self._fb_args(Ws, bs_, order, fns)
+        up_extra = (self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
+        total, correct, bad, done = epoch.train_epoch(
+            fb_args, up_extra, kernels, bs, b0, b1, float(lr), np.int64(opt), hyper, step, stop,
+            self.called, self.ctl)
+        if bad == epoch.WRONG_SIGNATURE:
+            raise RuntimeError("fastmlp internal error: train_epoch packs arguments of other "
+                               "types than the per-chunk kernels were compiled for")
+        if bad == epoch.KERNEL_FAILED:
+            raise RuntimeError("fastmlp internal error: a per-chunk kernel reported an error "
+                               "(or one of the kernels it calls was compiled for other "
+                               "argument types)")
+        return float(total), int(correct), int(bad), int(done)
+
+    def _fb_args(self, Ws, bs_, order, fns):
+        """chunk_forward_backward's arguments after the chunk number (and the other
+        per-chunk kernels')."""
+        return (Ws, bs_, self.codes, self.loss_code, self.X, self.levels, self.sparse,
+                self.indptr, self.indices, self.values, self.Y, order, self.batch, self.A0,
+                self.Yb, self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr,
+                self.crow, self.cval, self.tiny, self.top, self.loss_parts,
+                self.correct_parts, fns, self.Ps, self.cut_ptr, self.cuts)
+
+    def _kernels(self, Ws, bs_, order, opt, plain, Ms, Vs, mbs, vbs):
+        """(fns, ofn, kernels) for train_epoch: the per-chunk kernels' addresses,
+        each compiled (or loaded from numba's cache) on its own for exactly these
+        argument types, which train_epoch calls through them."""
+        # The arguments of the two per-chunk kernels after the chunk number.
         fns = epoch.chunk_kernels(Ws, bs_, self.codes, self.sparse, self.indptr, self.indices,
                                   self.values, order, self.As, self.Ds, self.dWs, self.dbs,
                                   self.touched, self.cptr, self.crow, self.cval)
-        fb_args = (Ws, bs_, self.codes, self.loss_code, self.X, self.levels, self.sparse,
-                   self.indptr, self.indices, self.values, self.Y, order, self.batch, self.A0,
-                   self.Yb, self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr,
-                   self.crow, self.cval, self.tiny, self.top, self.loss_parts,
-                   self.correct_parts, fns, self.Ps, self.cut_ptr, self.cuts)
+        fb_args = self._fb_args(Ws, bs_, order, fns)
         # train_epoch builds update_share's arguments from fb_args and these, in this
         # order (each array passed once: unboxing each costs its compile time).
         # Plain SGD without L2 updates by update_share's own short path: no
         # optimizer_row (ofn None), and none of the other optimisers' code compiled.
-        plain = opt == epoch.SGD and self.optimizer.alpha == 0
         ofn = None if plain else epoch.optimizer_kernel(self.scalars)
         up_extra = (self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
         up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, np.int64(opt),
@@ -493,17 +536,7 @@ class Engine:
                            + native.address(epoch.update_share, (np.int64(0),) + up_args)
                            + epoch.batches_kernel(fb_args, up_extra, self.called) + split,
                            dtype=np.int64)
-        total, correct, bad, done = epoch.train_epoch(
-            fb_args, up_extra, kernels, bs, b0, b1, float(lr), np.int64(opt), hyper, step, stop,
-            self.called, self.ctl)
-        if bad == epoch.WRONG_SIGNATURE:
-            raise RuntimeError("fastmlp internal error: train_epoch packs arguments of other "
-                               "types than the per-chunk kernels were compiled for")
-        if bad == epoch.KERNEL_FAILED:
-            raise RuntimeError("fastmlp internal error: a per-chunk kernel reported an error "
-                               "(or one of the kernels it calls was compiled for other "
-                               "argument types)")
-        return float(total), int(correct), int(bad), int(done)
+        return fns, ofn, kernels
 
 
 def forward(model, X):

@@ -275,6 +275,36 @@ def test_kept_moments_train_the_same_bits_and_go_back(name, kw):
             [a.tobytes() for k in ("mW", "vW") for a in plain.optimizer.state.get(k, [])]
 
 
+def test_engine_reuses_kernel_addresses_only_for_the_same_arguments():
+    """The Engine keeps the kernels' addresses of its last run for the next run
+    with the same arrays; another optimiser (another update kernel, or none of
+    optimizer_row for plain SGD) or new data takes new ones: the same bits as an
+    Engine that works them out for every run."""
+    from fastmlp import _numba_backend
+    rng = np.random.default_rng(9)
+    X, y = split_data(rng, 103)
+    X2, y2 = data(rng, 103, 60, True)
+    Y, Y2 = np.eye(3)[y], np.eye(3)[y2]
+    order = rng.permutation(103)
+    runs = [("adam", {}, X, Y), ("adam", {}, X, Y), ("sgd", {}, X, Y),
+            ("momentum", {"momentum": 0.5}, X, Y), ("momentum", {"momentum": 0.5}, X2, Y2)]
+    out = []
+    for forget in (False, True):
+        m = fastmlp.MLP([60, 24, 3], ["relu", "softmax"], dtype="float64", seed=3)
+        e = _numba_backend.Engine(m, "cross_entropy", 10, 2)
+        with _numba_backend.num_threads(2):
+            for name, kw, Xr, Yr in runs:
+                if e.optimizer.name != name or Xr is not getattr(e, "_x", None):
+                    e.optimizer = Optimizer(name, **kw)
+                    e.prepare(Xr, Yr)
+                    e._x = Xr
+                if forget:
+                    e._kernels_for = None
+                e.train_batches(order, 10, 0, 11, 0.05)
+        out.append([a.tobytes() for a in m.weights + m.biases])
+    assert out[0] == out[1]
+
+
 def test_optimizer_state_survives_checkpoint_resume(tmp_path):
     """Adam's moments and step count are part of the checkpoint: resuming gives the
     bytes of an uninterrupted run."""
