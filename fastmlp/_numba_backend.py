@@ -77,10 +77,7 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     cols = np.ascontiguousarray(perm[:int(n_dense)])
     d = X.dtype.type(1 if levels is None else levels)
     kind = X.dtype if levels is None else np.uint8
-    counts = np.empty(X.shape[0], dtype=np.int64)
-    dense.csr_rows(X, where, cols, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
-                   np.zeros((0, 0), dtype=kind), d, False)
-    _finite_rows(counts, check_finite)
+    counts = _counted_rows(X, where, cols, kind, d, check_finite)
     indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     indices = np.empty(indptr[-1], dtype=np.int32)
@@ -93,26 +90,29 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     return Xd, indptr, indices, values
 
 
-def _finite_rows(counts, check_finite):
-    """counts from csr_rows' counting pass, with rows that hold a NaN or an infinity
-    (-1 - c) turned back into c; with check_finite, raises NonFiniteInput instead."""
+def _counted_rows(X, where, cols, kind, d, check_finite):
+    """csr_rows' counting pass (a dense array of type kind, divisor d): each row's
+    nonzeros in the CSR's columns. A row that holds a NaN or an infinity (which
+    the pass marks -1 - c) raises NonFiniteInput with check_finite, else counts
+    its c."""
+    counts = np.empty(X.shape[0], dtype=np.int64)
+    dense.csr_rows(X, where, cols, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
+                   np.zeros((0, 0), dtype=kind), d, False)
     bad = counts < 0
     if bad.any():
         if check_finite:
             raise NonFiniteInput("X: contains NaN or infinity")
         counts[bad] = -1 - counts[bad]
+    return counts
 
 
 def check_finite_input(X):
     """Raise NonFiniteInput where X (2-D, C-contiguous, float) holds a NaN or an
     infinity: csr_rows' counting pass with every column dense (it counts nothing
     then), parallel, without the boolean array np.isfinite would make."""
-    n, m = X.shape
-    counts = np.empty(n, dtype=np.int64)
-    dense.csr_rows(X, np.arange(m, dtype=np.int32), np.arange(m, dtype=np.int64), counts,
-                   counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
-                   np.zeros((0, 0), dtype=X.dtype), X.dtype.type(1), False)
-    _finite_rows(counts, True)
+    m = X.shape[1]
+    _counted_rows(X, np.arange(m, dtype=np.int32), np.arange(m, dtype=np.int64), X.dtype,
+                  X.dtype.type(1), True)
 
 
 # Divisors d tried, in order, for inputs whose values are all 8-bit levels c / d:
@@ -223,7 +223,7 @@ def _same(a, b):
     and flags: equal)."""
     if isinstance(a, tuple):
         return isinstance(b, tuple) and len(a) == len(b) and all(map(_same, a, b))
-    if isinstance(a, (bool, int, np.integer)) and not isinstance(a, np.ndarray):
+    if isinstance(a, (bool, int, np.integer)):
         return type(a) is type(b) and a == b
     return a is b
 
@@ -429,7 +429,15 @@ class Engine:
         # they are put back in place however the run ends, except kept moments. An
         # array standing in for an unused moment is W_1 itself (or the first
         # moment), and shares its workspace.
-        kept, self._kept = self._kept, []
+        W1, M1, V1 = Ws[0], Ms[0], Vs[0]
+        kept = []
+        for orig, buf in self._kept:
+            if ((orig is M1 and buf is self.permuted[1]) or
+                    (orig is V1 and buf is self.permuted[2])):
+                kept.append((orig, buf))
+            else:
+                orig[self.perm] = buf    # kept by a run this one does not continue
+        self._kept = []
         moved = []
 
         def permuted(a, buf):
@@ -440,14 +448,6 @@ class Engine:
                 np.take(a, self.perm, axis=0, out=buf)
             moved.append((a, buf))
             return buf
-        W1, M1, V1 = Ws[0], Ms[0], Vs[0]
-        for orig, buf in kept:
-            # Kept by a run this one does not continue: back first.
-            if not ((orig is M1 and buf is self.permuted[1]) or
-                    (orig is V1 and buf is self.permuted[2])):
-                orig[self.perm] = buf
-        kept = [(o, b) for o, b in kept if (o is M1 and b is self.permuted[1]) or
-                (o is V1 and b is self.permuted[2])]
         Ws = (permuted(W1, self.permuted[0]),) + Ws[1:]
         Ms = (permuted(M1, self.permuted[1]),) + tuple(Ms[1:])
         Vs = (permuted(V1, self.permuted[2]),) + tuple(Vs[1:])

@@ -300,19 +300,28 @@ def output_delta_rows(loss, act, A, Y, D, tiny, top, r0, r1):
     total = 0.0
     correct = 0
     for r in range(r0, r1):
+        # The first largest output and target (a row of one has both at 0).
+        ia = 0
+        iy = 0
+        am = A[r, 0]
+        ym = Y[r, 0]
+        for j in range(1, n):
+            a = A[r, j]
+            y = Y[r, j]
+            up = a > am
+            ia = j if up else ia
+            am = a if up else am
+            up = y > ym
+            iy = j if up else iy
+            ym = y if up else ym
         row_loss = zero
         if loss == CROSS_ENTROPY:
             if act == SOFTMAX:
                 nonzero = 0
-                iy = 0
-                ym = Y[r, 0]
                 for j in range(n):
                     y = Y[r, j]
                     D[r, j] = A[r, j] - y
                     nonzero += y != zero
-                    up = y > ym
-                    iy = j if up else iy
-                    ym = y if up else ym
                 if nonzero == 1:
                     # The only nonzero target is the largest, unless it is negative;
                     # then it is the first nonzero one.
@@ -326,7 +335,7 @@ def output_delta_rows(loss, act, A, Y, D, tiny, top, r0, r1):
                 elif nonzero > 1:
                     for j in range(n):
                         y = Y[r, j]
-                        if y != 0:
+                        if y != zero:
                             row_loss -= y * np.log(max(A[r, j], tiny))
             else:
                 for j in range(n):
@@ -345,19 +354,6 @@ def output_delta_rows(loss, act, A, Y, D, tiny, top, r0, r1):
             if (A[r, 0] >= half) == (Y[r, 0] >= half):
                 correct += 1
         else:
-            ia = 0
-            iy = 0
-            am = A[r, 0]
-            ym = Y[r, 0]
-            for j in range(1, n):
-                a = A[r, j]
-                y = Y[r, j]
-                up = a > am
-                ia = j if up else ia
-                am = a if up else am
-                up = y > ym
-                iy = j if up else iy
-                ym = y if up else ym
             correct += ia == iy
     if loss == SQUARED_ERROR:
         activation_vjp_rows(act, A, D, r0, r1)
