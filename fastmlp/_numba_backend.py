@@ -384,8 +384,8 @@ class Engine:
         self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)
         # Each chunk's partial first-layer products (Ps[t, 0]), where the layer is
-        # split by columns, and a scratch row for chunk_layer1_grad (Ps[t, 1, 0]).
-        self.Ps = np.zeros((T, 2, B, sizes[1]), dtype=dt) if split else None
+        # split by columns.
+        self.Ps = np.zeros((T, 1, B, sizes[1]), dtype=dt) if split else None
         self.called = np.zeros((4, T), dtype=np.bool_)   # each chunk's kernels
         self.ctl = np.zeros(sync.CTL_SIZE, dtype=np.int64)    # their barriers' counters
         self.batch = np.zeros(2, dtype=np.int64)

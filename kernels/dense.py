@@ -250,7 +250,7 @@ def backprop_rows(D, W, A_prev, act_prev, D_prev, r0, r1):
 @njit(cache=True, error_model="numpy")
 def weight_grad_rows(A_prev, D, dW, db, r0, r1):
     """dW = A_prev[r0:r1]^T D[r0:r1] and db = column sums of D[r0:r1] (sums, not
-    means), overwriting dW and db."""
+    means), overwriting dW and db (none where db is empty)."""
     if r1 > r0:
         if (D.shape[1] >= gemm.lanes_of(D) and dW.size < TN_MAX_WEIGHTS and small_enough(dW)
                 and tiles_fit(A_prev, D, dW)):
@@ -268,7 +268,9 @@ def weight_grad_rows(A_prev, D, dW, db, r0, r1):
 @njit(cache=True, error_model="numpy")
 def column_sums_rows(D, db, r0, r1):
     """db = column sums of D[r0:r1] (the bias gradient, a sum, not a mean), in
-    ascending row order."""
+    ascending row order; nothing where db is empty (a caller that has them already)."""
+    if db.shape[0] == 0:
+        return
     zero = D.dtype.type(0)
     for j in range(D.shape[1]):
         db[j] = zero
