@@ -229,6 +229,43 @@ def activation_vjp_rows(act, A, G, r0, r1):
 
 
 @njit(cache=True, error_model="numpy")
+def derivative_sums_rows(act, A, D, db, r0, r1):
+    """D[r] *= f'(A[r]) for rows r0..r1-1 (backprop_rows' step after D W^T; nothing
+    for LINEAR), and db = the column sums of D[r0:r1] after it (column_sums_rows'
+    sums), in one pass over D: a layer's delta and its bias gradient."""
+    one = D.dtype.type(1)
+    zero = D.dtype.type(0)
+    n = D.shape[1]
+    for j in range(n):
+        db[j] = zero
+    # A loop for each activation, so that each vectorises.
+    if act == RELU:
+        for r in range(r0, r1):
+            for j in range(n):
+                d = D[r, j] * derivative(RELU, A[r, j], one, zero)
+                D[r, j] = d
+                db[j] += d
+    elif act == TANH:
+        for r in range(r0, r1):
+            for j in range(n):
+                d = D[r, j] * derivative(TANH, A[r, j], one, zero)
+                D[r, j] = d
+                db[j] += d
+    elif act == SIGMOID:
+        for r in range(r0, r1):
+            for j in range(n):
+                d = D[r, j] * derivative(SIGMOID, A[r, j], one, zero)
+                D[r, j] = d
+                db[j] += d
+    else:
+        for r in range(r0, r1):
+            for j in range(n):
+                d = D[r, j] if act == LINEAR else D[r, j] * derivative(act, A[r, j], one, zero)
+                D[r, j] = d
+                db[j] += d
+
+
+@njit(cache=True, error_model="numpy")
 def backprop_rows(D, W, A_prev, act_prev, D_prev, r0, r1):
     """D_prev[r] = (D[r] W^T) * f'(A_prev[r]) for rows r0..r1-1: the previous
     layer's delta, read from W before W is updated. act_prev = LINEAR gives plain

@@ -146,6 +146,47 @@ def test_backprop_rows_applies_previous_derivative(dtype, act_prev):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ELEMENTWISE)
+def test_derivative_sums_rows(dtype, act):
+    # The epoch's one pass over a hidden layer's delta: the activation's derivative
+    # and the bias gradient, against NumPy, and to the bit against the two passes
+    # it replaced (backprop_rows' derivative, then column_sums_rows).
+    rng = np.random.default_rng(11)
+    code = activations.CODES[act]
+    for (n_in, n_out), B in itertools.product(SIZES, BATCHES):
+        A = activations.FORWARD[act](rand(rng, (B, n_out), dtype))
+        D = rand(rng, (B, n_out), dtype)
+        r0, r1 = B // 3, B
+        got, db = D.copy(), np.full(n_out, np.nan, dtype)
+        dense.derivative_sums_rows(code, A, got, db, r0, r1)
+        twin = D * activations.derivative(act, A)
+        np.testing.assert_allclose(got[r0:r1], twin[r0:r1], **TOL[dtype])
+        np.testing.assert_array_equal(got[:r0], D[:r0])          # other rows untouched
+        np.testing.assert_allclose(db, twin[r0:r1].sum(axis=0), **TOL[dtype])
+        W = np.eye(n_out, dtype=dtype)                            # D W^T = D
+        two, db2 = np.empty_like(D), np.empty(n_out, dtype)
+        dense.backprop_rows(D, W, A, code, two, r0, r1)
+        dense.column_sums_rows(two, db2, r0, r1)
+        np.testing.assert_array_equal(got[r0:r1], two[r0:r1])
+        np.testing.assert_array_equal(db, db2)
+
+
+def test_empty_bias_gradient_is_not_written():
+    # An empty db asks the weight gradient kernels for no column sums (the epoch
+    # has them already); the weight gradient is the same.
+    rng = np.random.default_rng(12)
+    A, D = rand(rng, (9, 17), np.float64), rand(rng, (9, 5), np.float64)
+    dW, dW2 = np.zeros((17, 5)), np.zeros((17, 5))
+    backing = np.full(6, 7.0)
+    dense.weight_grad_rows(A, D, dW, backing[:0], 2, 9)
+    dense.weight_grad_rows(A, D, dW2, np.zeros(5), 2, 9)
+    np.testing.assert_array_equal(dW, dW2)
+    np.testing.assert_array_equal(backing, 7.0)
+    dense.column_sums_rows(D, backing[:0], 0, 9)
+    np.testing.assert_array_equal(backing, 7.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("out_act,loss", [("softmax", "cross_entropy"), ("sigmoid", "cross_entropy"),
                                           ("softmax", "squared_error"), ("sigmoid", "squared_error"),
                                           ("tanh", "squared_error"), ("relu", "squared_error"),
