@@ -230,7 +230,7 @@ def activation_vjp_rows(act, A, G, r0, r1):
 
 @njit(cache=True, error_model="numpy")
 def derivative_sums_rows(act, A, D, db, r0, r1):
-    """D[r] *= f'(A[r]) for rows r0..r1-1 (backprop_rows' step after D W^T; nothing
+    """D[r] *= f'(A[r]) for rows r0..r1-1 (backprop_rows' step after D W^T; f' is 1
     for LINEAR), and db = the column sums of D[r0:r1] after it (column_sums_rows'
     sums), in one pass over D: a layer's delta and its bias gradient."""
     one = D.dtype.type(1)
@@ -238,31 +238,11 @@ def derivative_sums_rows(act, A, D, db, r0, r1):
     n = D.shape[1]
     for j in range(n):
         db[j] = zero
-    # A loop for each activation, so that each vectorises.
-    if act == RELU:
-        for r in range(r0, r1):
-            for j in range(n):
-                d = D[r, j] * derivative(RELU, A[r, j], one, zero)
-                D[r, j] = d
-                db[j] += d
-    elif act == TANH:
-        for r in range(r0, r1):
-            for j in range(n):
-                d = D[r, j] * derivative(TANH, A[r, j], one, zero)
-                D[r, j] = d
-                db[j] += d
-    elif act == SIGMOID:
-        for r in range(r0, r1):
-            for j in range(n):
-                d = D[r, j] * derivative(SIGMOID, A[r, j], one, zero)
-                D[r, j] = d
-                db[j] += d
-    else:
-        for r in range(r0, r1):
-            for j in range(n):
-                d = D[r, j] if act == LINEAR else D[r, j] * derivative(act, A[r, j], one, zero)
-                D[r, j] = d
-                db[j] += d
+    for r in range(r0, r1):
+        for j in range(n):
+            d = D[r, j] * derivative(act, A[r, j], one, zero)
+            D[r, j] = d
+            db[j] += d
 
 
 @njit(cache=True, error_model="numpy")

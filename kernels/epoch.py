@@ -286,8 +286,8 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     # gradient in one pass (derivative_sums_rows), after D W^T (BACKPROP with
     # LINEAR), and the weight gradient kernels write no bias gradient there (an
     # empty db): a pass of the column sums over it less (100 rows of 100 ReLU
-    # units, one thread: 5,300-5,600 against 7,700-7,900 cycles). The output
-    # layer's bias gradient is its own.
+    # units, one thread: 3,700-3,900 against 6,200 cycles). The output layer's
+    # bias gradient is its own.
     linear = np.int64(LINEAR)
     for l in range(L - 1, 0, -1):
         ok &= call_at(fns[BACKPROP], (Ds[l], Ws[l], As[l - 1], linear, Ds[l - 1], r0, r1))
