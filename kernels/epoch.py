@@ -199,7 +199,7 @@ def weight_grad_csc(indptr, parts, c, k0, k1, indices, values, rows, r0, r1, D, 
 # in a row of fns (fastmlp.kernels.native.call_at; chunk_kernels fills them): linked
 # in, their code was compiled again inside chunk_forward_backward, whose module
 # then held 19,000 LLVM instructions.
-CSR_MATMUL, MATMUL, BIAS_ACTIVATE, BACKPROP, WEIGHT_GRAD, SPARSE_GRAD = range(6)
+CSR_MATMUL, MATMUL, BIAS_ACTIVATE, BACKPROP, WEIGHT_GRAD, SPARSE_GRAD, DERIVATIVE_SUMS = range(7)
 
 
 # Called only through its address from train_epoch: no wrappers for Python or C.
@@ -293,7 +293,8 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
         ok &= call_at(fns[BACKPROP], (Ds[l], Ws[l], As[l - 1], linear, Ds[l - 1], r0, r1))
         db = dbs[l][t] if l == L - 1 else dbs[l][t][:0]
         ok &= call_at(fns[WEIGHT_GRAD], (As[l - 1], Ds[l], dWs[l][t], db, r0, r1))
-        derivative_sums_rows(acts[l - 1], As[l - 1], Ds[l - 1], dbs[l - 1][t], r0, r1)
+        ok &= call_at(fns[DERIVATIVE_SUMS], (acts[l - 1], As[l - 1], Ds[l - 1], dbs[l - 1][t], r0,
+                                             r1))
     # The first layer's bias gradient, unless a layer above wrote it.
     db0 = dbs[0][t] if L == 1 else dbs[0][t][:0]
     if Ps is not None:
@@ -437,7 +438,7 @@ def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, 
     input's gathered batch A0 has the type of As[0], so MATMUL and WEIGHT_GRAD
     serve it too."""
     i, act = np.int64(0), np.int64(acts[0])
-    fns = np.zeros((6, 2), dtype=np.int64)
+    fns = np.zeros((7, 2), dtype=np.int64)
     fns[:, 1] = -1
 
     def put(row, kernel, *args):
@@ -446,6 +447,7 @@ def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, 
     put(BIAS_ACTIVATE, bias_activate_rows, act, bs[0], As[0], i, i)
     put(BACKPROP, backprop_rows, Ds[0], Ws[0], As[0], act, Ds[0], i, i)
     put(WEIGHT_GRAD, weight_grad_rows, As[0], Ds[0], dWs[0][0], dbs[0][0], i, i)
+    put(DERIVATIVE_SUMS, derivative_sums_rows, act, As[0], Ds[0], dbs[0][0], i, i)
     if sparse:
         rows = order[0:]
         put(CSR_MATMUL, csr_matmul_rows, indptr, i, i, indices, values, rows, Ws[0], As[0], i, i,
