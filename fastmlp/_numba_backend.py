@@ -383,9 +383,9 @@ class Engine:
         self.loss_parts = np.zeros(T, dtype=np.float64)
         self.sq_parts = np.zeros(T, dtype=np.float64)
         self.correct_parts = np.zeros(T, dtype=np.int64)
-        # Each chunk's partial first-layer products (Ps[t, 0]), where the layer is
+        # Each chunk's partial first-layer products (Ps[t]), where the layer is
         # split by columns.
-        self.Ps = np.zeros((T, 1, B, sizes[1]), dtype=dt) if split else None
+        self.Ps = np.zeros((T, B, sizes[1]), dtype=dt) if split else None
         self.called = np.zeros((4, T), dtype=np.bool_)   # each chunk's kernels
         self.ctl = np.zeros(sync.CTL_SIZE, dtype=np.int64)    # their barriers' counters
         self.batch = np.zeros(2, dtype=np.int64)

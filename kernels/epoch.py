@@ -218,7 +218,7 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     divided by levels, which gives back the input's values exactly.
 
     With the first layer split by input columns (Ps, cut_ptr and cuts not None: see
-    chunk_partial_forward), its products are the chunks' partial sums Ps[c, 0],
+    chunk_partial_forward), its products are the chunks' partial sums Ps[c],
     added here in chunk order, and its weight gradient is left to
     chunk_layer1_grad; this writes its bias gradient's partial sums."""
     start, nb = batch[0], batch[1]
@@ -247,13 +247,13 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
         z = b.dtype.type(0)
         for r in range(r0, r1):
             for j in range(S.shape[1]):
-                S[r, j] = Ps[0, 0, r, j]
+                S[r, j] = Ps[0, r, j]
             for c in range(1, n_chunks - 1 if relu else n_chunks):
                 for j in range(S.shape[1]):
-                    S[r, j] += Ps[c, 0, r, j]
+                    S[r, j] += Ps[c, r, j]
             if relu:
                 for j in range(S.shape[1]):
-                    x = (S[r, j] + Ps[n_chunks - 1, 0, r, j]) + b[j]
+                    x = (S[r, j] + Ps[n_chunks - 1, r, j]) + b[j]
                     S[r, j] = z if x < z else x
         activate = not relu
         n_dense = 0
@@ -364,7 +364,7 @@ def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indi
                           tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts):
     """With the first layer split by input columns (a sparse input on two or more
     chunks): chunk t's partial product of the whole batch, over its own columns
-    (W_1's rows) only, Ps[t, 0] = X[:, own] W_1[own]. Chunk t owns the dense
+    (W_1's rows) only, Ps[t] = X[:, own] W_1[own]. Chunk t owns the dense
     columns cuts[t, 0] .. cuts[t + 1, 0] - 1 (gathered into its row of A0, and
     multiplied by the dense products) and the CSR columns cuts[t, 1] ..
     cuts[t + 1, 1] - 1 (part t of each row of cut_ptr: csr_column_cuts).
@@ -378,7 +378,7 @@ def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indi
     parts = np.int64(cuts.shape[0] - 1)
     B = As[0].shape[0]
     d0, d1 = cuts[t, 0], cuts[t + 1, 0]
-    P = Ps[t, 0]
+    P = Ps[t]
     zero = np.int64(0)
     ok = True
     if d1 > d0:
@@ -411,7 +411,7 @@ def chunk_layer1_grad(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices,
     # The gradient kernels write no column sums (an empty db): the bias's
     # partial sums are chunk_forward_backward's, and summing the whole batch's
     # delta twice more cost each chunk about 8,000 cycles a batch.
-    no_sums = Ps[t, 0, 0, :0]
+    no_sums = Ps[t, 0, :0]
     dW = dWs[0][0]
     grad = (cut_ptr, parts, t, cuts[t, 1], cuts[t + 1, 1], indices, values, rows, zero, nb,
             Ds[0], dW, no_sums, touched[0])
