@@ -289,16 +289,18 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     # units, one thread: 3,700-3,900 against 6,200 cycles). The output layer's
     # bias gradient is its own.
     linear = np.int64(LINEAR)
+    no_sums = dbs[0][t][:0]
     for l in range(L - 1, 0, -1):
         ok &= call_at(fns[BACKPROP], (Ds[l], Ws[l], As[l - 1], linear, Ds[l - 1], r0, r1))
-        db = dbs[l][t] if l == L - 1 else dbs[l][t][:0]
+        db = dbs[l][t] if l == L - 1 else no_sums
         ok &= call_at(fns[WEIGHT_GRAD], (As[l - 1], Ds[l], dWs[l][t], db, r0, r1))
         ok &= call_at(fns[DERIVATIVE_SUMS], (acts[l - 1], As[l - 1], Ds[l - 1], dbs[l - 1][t], r0,
                                              r1))
     # The first layer's bias gradient, unless a layer above wrote it.
-    db0 = dbs[0][t] if L == 1 else dbs[0][t][:0]
+    db0 = dbs[0][t] if L == 1 else no_sums
     if Ps is not None:
-        column_sums_rows(Ds[0], db0, r0, r1)
+        if L == 1:
+            column_sums_rows(Ds[0], db0, r0, r1)
     elif sparse:
         # cptr is None for layers the scatter takes: numba then drops the other
         # branch before typing it, so a process compiles only the way it uses
@@ -306,7 +308,7 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
         # end of a first epoch with both compiled, 34.5, 28.5, 34.2 s without).
         # Where the dense columns' gradient follows, it writes the bias gradient
         # (the same sums) and the sparse one none.
-        db = dbs[0][t][:0] if n_dense > 0 else db0
+        db = no_sums if n_dense > 0 else db0
         grad = (indptr, one, zero, zero, np.int64(Ws[0].shape[0]), indices, values, rows, r0,
                 r1, Ds[0], dWs[0][t], db, touched[t])
         if cptr is None:
