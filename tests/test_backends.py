@@ -152,6 +152,29 @@ def test_split_input_puts_w1_and_its_moments_back(optimizer):
 
 
 @pytest.mark.parametrize("threads", THREADS)
+def test_one_hot_targets_as_classes_same_bytes(threads, monkeypatch):
+    """The engine keeps one-hot targets as each row's class and writes the batch's
+    target rows from them: the same numbers, so the same bytes as copying the
+    rows, which it does for any other targets (here: told they are not one-hot)."""
+    rng = np.random.default_rng(8)
+    X = inputs(rng, 400, 784).astype(np.float32)
+    y = rng.integers(0, 10, 400)
+    digests, kinds = [], []
+    for one_hot in (True, False):
+        if not one_hot:
+            monkeypatch.setattr(fastmlp._numba_backend.dense, "one_hot_labels",
+                                lambda Y, labels: False)
+        model = fastmlp.MLP([784, 100, 10], ["relu", "softmax"], seed=3)
+        trainer = fastmlp.Trainer(model, lr=0.1, batch_size=32, seed=4, threads=threads)
+        trainer.fit(X, y, epochs=2)
+        digests.append(digest(model))
+        Y = trainer._get_engine().Y
+        kinds.append((Y.ndim, Y.dtype))
+    assert kinds == [(1, np.int32), (2, np.float32)]
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("threads", THREADS)
 def test_same_seed_same_threads_same_bytes(threads):
     rng = np.random.default_rng(0)
     X = inputs(rng, 500, 784).astype(np.float32)

@@ -576,6 +576,39 @@ def test_column_nonzeros_equals_numpy(dtype):
         np.testing.assert_array_equal(counts, 5 + np.count_nonzero(X[::step], axis=0))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_hot_labels_equals_numpy(dtype):
+    """one_hot_labels says yes exactly where every row holds a single 1 and zeros
+    (NumPy's twin below), and then gives each row's column of its 1."""
+    rng = np.random.default_rng(6)
+
+    def twin(Y):
+        return bool(((Y == 1).sum(axis=1) == 1).all() and ((Y != 0).sum(axis=1) == 1).all())
+    spoilers = [None, (0.5,), (2.0,), (-1.0,), (np.nan,), (np.inf,), (1.0,), "zero_row"]
+    for n, m in [(1, 2), (7, 3), (200, 10), (1000, 17)]:
+        for spoil in spoilers:
+            y = rng.integers(0, m, n)
+            Y = np.eye(m, dtype=dtype)[y]
+            if rng.random() < 0.5:
+                Y[Y == 0] = -0.0                   # -0 is a zero too
+            i, j = rng.integers(0, n), rng.integers(0, m)
+            if spoil == "zero_row":
+                Y[i] = 0
+            elif spoil is not None:
+                # A second 1 where j is not the row's class, a 1 replaced otherwise.
+                Y[i, j] = spoil[0]
+            labels = np.full(n, -7, dtype=np.int32)
+            ok = dense.one_hot_labels(Y, labels)
+            assert ok == twin(Y), (n, m, spoil)
+            if ok:
+                np.testing.assert_array_equal(labels, np.argmax(Y, axis=1))
+            # The plain ones are one-hot; the rest spoil exactly one row.
+            if spoil is None:
+                assert ok
+            elif spoil not in ((1.0,),) or j != y[i]:
+                assert not ok
+
+
 @functools.lru_cache(maxsize=None)
 def _scalar_combine_kernel():
     from numba import njit
