@@ -82,8 +82,8 @@ from .sync import ALL, ALONE, STOP, barrier, check_in
 from .simd import (combine_whole_row, prefetch_range, sparse_combine_row, sparse_scatter_row,
                    takes_whole_row)
 from .dense import (LINEAR, PRANGE_ONLY, RELU, backprop_rows, bias_activate_rows,
-                    column_sums_rows, csr_matmul_rows, decoded, derivative_sums_rows,
-                    matmul_rows, output_delta_rows, weight_grad_rows)
+                    column_sums_rows, csr_matmul_csc_rows, csr_matmul_rows, decoded,
+                    derivative_sums_rows, matmul_rows, output_delta_rows, weight_grad_rows)
 
 
 # Widest layer whose sparse weight gradient scatters (weight_grad_scatter); wider
@@ -148,7 +148,7 @@ def weight_grad_scatter(indptr, parts, c, k0, k1, indices, values, rows, r0, r1,
 
 @njit(cache=True, error_model="numpy")
 def weight_grad_csc(indptr, parts, c, k0, k1, indices, values, rows, r0, r1, D, dW, db, touched,
-                    cptr, crow, cval):
+                    cptr, crow, cval, built):
     """weight_grad_scatter's gradient (the same bits) by first sorting the chunk's
     rows by pixel, so that each dW[k] is summed in vector registers from the rows
     of D, which stay in L1, and written once. Column k's entries go to slots
@@ -162,18 +162,23 @@ def weight_grad_csc(indptr, parts, c, k0, k1, indices, values, rows, r0, r1, D, 
     Fixed slots per column, rather than a counting sort's packed runs, need no
     counting pass and no prefix sum: 100 MNIST rows (3,050 nonzeros) after their
     forward product, 100 units, one thread, Zen 4: 21.7-22.6 against 25.4-26.0 us.
+
+    built says that cptr, crow and cval already hold these rows' CSC: the forward
+    product sorted them as it read them (fastmlp.kernels.dense.csr_matmul_csc_rows,
+    the same slots); else they are sorted here first.
     """
     R = r1 - r0
-    for k in range(k0, k1):
-        cptr[k] = 0
-    for r in range(r0, r1):
-        q = rows[r] * parts + c
-        for p in range(indptr[q], indptr[q + 1]):
-            k = indices[p]
-            s = (k - k0) * R + cptr[k]
-            crow[s] = r
-            cval[s] = values[p]
-            cptr[k] += 1
+    if not built:
+        for k in range(k0, k1):
+            cptr[k] = 0
+        for r in range(r0, r1):
+            q = rows[r] * parts + c
+            for p in range(indptr[q], indptr[q + 1]):
+                k = indices[p]
+                s = (k - k0) * R + cptr[k]
+                crow[s] = r
+                cval[s] = values[p]
+                cptr[k] += 1
     # Each pixel's run is short (about B/5 rows): calling sparse_combine_row for
     # each cost more than the one-pass rows gain, so the intrinsic is called here
     # (0.052-0.055 -> 0.049 s an epoch at 100 units, one thread, Zen 5).
@@ -199,7 +204,8 @@ def weight_grad_csc(indptr, parts, c, k0, k1, indices, values, rows, r0, r1, D, 
 # in a row of fns (fastmlp.kernels.native.call_at; chunk_kernels fills them): linked
 # in, their code was compiled again inside chunk_forward_backward, whose module
 # then held 19,000 LLVM instructions.
-CSR_MATMUL, MATMUL, BIAS_ACTIVATE, BACKPROP, WEIGHT_GRAD, SPARSE_GRAD, DERIVATIVE_SUMS = range(7)
+(CSR_MATMUL, MATMUL, BIAS_ACTIVATE, BACKPROP, WEIGHT_GRAD, SPARSE_GRAD, DERIVATIVE_SUMS,
+ CSR_MATMUL_CSC) = range(8)
 
 
 # Called only through its address from train_epoch: no wrappers for Python or C.
@@ -282,8 +288,14 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
             # B x 100 numbers more to write and read: see the README, Speed).
             if n_dense > 0:
                 ok &= call_at(fns[MATMUL], (A0, Ws[0][:n_dense], As[0], r0, r1))
-            ok &= call_at(fns[CSR_MATMUL], (indptr, one, zero, indices, values, rows, Ws[0],
-                                            As[0], r0, r1, n_dense > 0))
+            if cptr is None:
+                ok &= call_at(fns[CSR_MATMUL], (indptr, one, zero, indices, values, rows,
+                                                Ws[0], As[0], r0, r1, n_dense > 0))
+            else:
+                # The weight gradient's CSC sorted as the product reads the nonzeros.
+                ok &= call_at(fns[CSR_MATMUL_CSC], (
+                    indptr, one, zero, indices, values, rows, Ws[0], As[0], r0, r1,
+                    n_dense > 0, zero, np.int64(Ws[0].shape[0]), cptr[t], crow[t], cval[t]))
         else:
             ok &= call_at(fns[MATMUL], (A0, Ws[0], As[0], r0, r1))
     if activate:
@@ -325,7 +337,10 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
         if cptr is None:
             ok &= call_at(fns[SPARSE_GRAD], grad)
         else:
-            ok &= call_at(fns[SPARSE_GRAD], grad + (cptr[t], crow[t], cval[t]))
+            # The CSC the forward product sorted (True, but not a literal: the call's
+            # types must be those fns was compiled for).
+            built = r1 >= r0
+            ok &= call_at(fns[SPARSE_GRAD], grad + (cptr[t], crow[t], cval[t], built))
         if n_dense > 0:
             # The CSR has no nonzeros in these rows of dW (nor touched them).
             ok &= call_at(fns[WEIGHT_GRAD], (A0, Ds[0], dWs[0][t][:n_dense], db0, r0, r1))
@@ -400,8 +415,14 @@ def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indi
         ok &= call_at(fns[MATMUL], (A, Ws[0][d0:d1], P, zero, nb))
     # The CSR's nonzeros added to the dense columns' product, as in
     # chunk_forward_backward.
-    ok &= call_at(fns[CSR_MATMUL], (cut_ptr, parts, t, indices, values, rows, Ws[0], P, zero,
-                                    nb, d1 > d0))
+    if cptr is None:
+        ok &= call_at(fns[CSR_MATMUL], (cut_ptr, parts, t, indices, values, rows, Ws[0], P,
+                                        zero, nb, d1 > d0))
+    else:
+        # chunk_layer1_grad's CSC (its columns, the whole batch) sorted on the way.
+        ok &= call_at(fns[CSR_MATMUL_CSC], (cut_ptr, parts, t, indices, values, rows, Ws[0], P,
+                                            zero, nb, d1 > d0, cuts[t, 1], cuts[t + 1, 1],
+                                            cptr[t], crow[t], cval[t]))
     if not ok:
         raise RuntimeError("chunk_partial_forward: a kernel in fns was compiled for other "
                            "argument types, or failed")
@@ -431,7 +452,9 @@ def chunk_layer1_grad(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices,
     if cptr is None:
         ok = call_at(fns[SPARSE_GRAD], grad)
     else:
-        ok = call_at(fns[SPARSE_GRAD], grad + (cptr[t], crow[t], cval[t]))
+        # The CSC chunk_partial_forward sorted (True, but not a literal).
+        built = nb >= 0
+        ok = call_at(fns[SPARSE_GRAD], grad + (cptr[t], crow[t], cval[t], built))
     if d1 > d0:
         A = _dense_part(A0, t, d0, d1, B)
         ok &= call_at(fns[WEIGHT_GRAD], (A, Ds[0], dW[d0:d1], no_sums, zero, nb))
@@ -447,11 +470,12 @@ def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, 
     """fns for chunk_forward_backward (called from Python with the same arrays): each
     row the (address, signature key) of its kernel, compiled (or loaded from
     numba's cache) for the argument types chunk_forward_backward passes it; the
-    rows of kernels a sparse or dense input does not use are (0, -1). A dense
-    input's gathered batch A0 has the type of As[0], so MATMUL and WEIGHT_GRAD
-    serve it too."""
+    rows of kernels a sparse or dense input does not use are (0, -1), as are
+    CSR_MATMUL's where the CSC takes the sparse gradient (CSR_MATMUL_CSC's
+    otherwise). A dense input's gathered batch A0 has the type of As[0], so MATMUL
+    and WEIGHT_GRAD serve it too."""
     i, act = np.int64(0), np.int64(acts[0])
-    fns = np.zeros((7, 2), dtype=np.int64)
+    fns = np.zeros((8, 2), dtype=np.int64)
     fns[:, 1] = -1
 
     def put(row, kernel, *args):
@@ -463,14 +487,18 @@ def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, 
     put(DERIVATIVE_SUMS, derivative_sums_rows, act, As[0], Ds[0], dbs[0][0], i, i)
     if sparse:
         rows = order[0:]
-        put(CSR_MATMUL, csr_matmul_rows, indptr, i, i, indices, values, rows, Ws[0], As[0], i, i,
-            False)
         grad = (indptr, i, i, i, i, indices, values, rows, i, i, Ds[0], dWs[0][0], dbs[0][0],
                 touched[0])
         if cptr is None:
+            put(CSR_MATMUL, csr_matmul_rows, indptr, i, i, indices, values, rows, Ws[0], As[0], i,
+                i, False)
             put(SPARSE_GRAD, weight_grad_scatter, *grad)
         else:
-            put(SPARSE_GRAD, weight_grad_csc, *grad, cptr[0], crow[0], cval[0])
+            # The product sorts the CSC the gradient sums from (csr_matmul_csc_rows); the
+            # plain product is not compiled.
+            put(CSR_MATMUL_CSC, csr_matmul_csc_rows, indptr, i, i, indices, values, rows, Ws[0],
+                As[0], i, i, False, i, i, cptr[0], crow[0], cval[0])
+            put(SPARSE_GRAD, weight_grad_csc, *grad, cptr[0], crow[0], cval[0], True)
     return fns
 
 

@@ -250,6 +250,73 @@ def combine_whole_row(typingctx, out, i, idx, val, q0, q1, M, acc):
         lo, hi, "whole_row", emit)
 
 
+def _check_csc(name, cptr, crow, cval, val):
+    for nm, a, kinds in (("cptr", cptr, (types.int64,)), ("crow", crow, (types.int32,)),
+                         ("cval", cval, (val.dtype,))):
+        if not isinstance(a, types.Array) or a.ndim != 1 or a.layout != "C":
+            raise TypingError(f"{name}: {nm} must be a C-contiguous 1-D array")
+        if a.dtype not in kinds:
+            raise TypingError(f"{name}: {nm} must be {' or '.join(map(str, kinds))}")
+
+
+@intrinsic
+def combine_whole_row_csc(typingctx, out, i, idx, val, q0, q1, M, acc, k0, R, cptr, crow,
+                          cval):
+    """combine_whole_row's sum (the same bits), and, as each nonzero q is read, its
+    entry in a CSC of the nonzeros by column (weight_grad_csc's fixed slots): with
+    k = idx[q] and s = (k - k0) * R + cptr[k], crow[s] = i, cval[s] = val[q] and
+    cptr[k] += 1 (k0 <= k and i < 2^31: the caller's). The stores go where the
+    loop waits on M's rows anyway, so the sort costs almost nothing more than the
+    product."""
+    _check_combine("combine_whole_row_csc", out, idx, val, M)
+    _check_csc("combine_whole_row_csc", cptr, crow, cval, val)
+    lo, hi = WHOLE_ROW_VECTORS
+
+    def codegen(context, builder, signature, args):
+        o, ix, vl, m = _combine_arrays(context, builder, signature, args, (0, 2, 3, 6))
+        cp, cr, cv = _combine_arrays(context, builder, signature, args, (10, 11, 12))
+        i_, q0_, q1_, k0_, R_ = (context.cast(builder, args[n], signature.args[n], types.intp)
+                                 for n in (1, 4, 5, 8, 9))
+        vec = _Vectors(context, builder, signature.args[6].dtype)
+        acc_ = context.cast(builder, args[7], signature.args[7], types.boolean)
+        n_out = cgutils.unpack_tuple(builder, m.shape)[1]
+        lanes = ir.Constant(vec.intp, vec.lanes)
+        n = builder.udiv(builder.add(n_out, builder.sub(lanes, ir.Constant(vec.intp, 1))), lanes)
+        n = builder.select(builder.icmp_signed("<", n_out, lanes), ir.Constant(vec.intp, 0), n)
+        jl = builder.sub(n_out, lanes)
+        row32 = builder.trunc(i_, ir.IntType(32))
+        one = ir.Constant(vec.intp, 1)
+
+        def emit(n_vec):
+            b = builder
+            j0_ = ir.Constant(vec.intp, 0)
+
+            def ptr(base, v):
+                return vec.tile_ptr(base, v, n_vec, j0_, jl)
+            dst = _row_ptr(b, o, i_, j0_)
+            accs = _start(b, vec, acc_, dst, ptr, n_vec)
+            with cgutils.for_range_slice(b, q0_, q1_, one) as (q, _):
+                k = b.load(b.gep(ix.data, [q]))
+                k = b.sext(k, vec.intp) if k.type.width < vec.intp.width else k
+                x = b.load(b.gep(vl.data, [q]))
+                xv = vec.splat(x)
+                row = _row_ptr(b, m, k, j0_)
+                for v in range(n_vec):
+                    w = b.load(ptr(row, v), align=vec.align)
+                    b.store(b.call(vec.fma, [xv, w, b.load(accs[v])]), accs[v])
+                count = b.gep(cp.data, [k])
+                c = b.load(count)
+                slot = b.add(b.mul(b.sub(k, k0_), R_), c)
+                b.store(row32, b.gep(cr.data, [slot]))
+                b.store(x, b.gep(cv.data, [slot]))
+                b.store(b.add(c, ir.Constant(c.type, 1)), count)
+            for v in range(n_vec):
+                b.store(b.load(accs[v]), ptr(dst, v), align=vec.align)
+        _switch(builder, vec.intp, n, range(lo, hi + 1), "whole_row_csc", emit)
+        return context.get_dummy_value()
+    return (types.none(out, i, idx, val, q0, q1, M, acc, k0, R, cptr, crow, cval), codegen)
+
+
 NARROW_ROW_VECTORS = 4   # rows combine_narrow_row takes: 1 to this many vectors
 
 

@@ -88,6 +88,43 @@ def test_csr_matmul_rows(dtype):
                 np.testing.assert_allclose(out, X[rows][:, a:e] @ W[a:e], **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_csr_matmul_csc_rows(dtype):
+    """csr_matmul_csc_rows: csr_matmul_rows' product to the bit, and the CSC of the
+    same nonzeros in weight_grad_csc's slots (NumPy's twin: each column's rows in
+    order), whole-row widths (fused into the product's loop) and others, whole rows
+    and parts of rows cut at columns; workspaces dirty on purpose, and nothing past
+    the chunk's columns written."""
+    rng = np.random.default_rng(17)
+    for (n_in, n_out), B in itertools.product(SIZES + [(50, 100), (30, 129), (20, 65), (40, 97)],
+                                              BATCHES):
+        X = sparse_input(rng, (B + 5, n_in), dtype)
+        W = rand(rng, (n_in, n_out), dtype)
+        rows = rng.permutation(B + 5)[:B].astype(np.int64)
+        indptr, indices, values = to_csr(X)
+        r0, r1 = B // 3, B
+        R = r1 - r0
+        cuts = np.array([0] + sorted(rng.integers(0, n_in + 1, 2)) + [n_in])
+        cut_ptr = _column_cuts(indptr, indices, cuts)
+        for ptr, parts, c, a, e in [(indptr, 1, 0, 0, n_in)] + [
+                (cut_ptr, 3, c, cuts[c], cuts[c + 1]) for c in range(3)]:
+            for acc in (False, True):
+                want = rand(rng, (B, n_out), dtype)
+                got = want.copy()
+                dense.csr_matmul_rows(ptr, parts, c, indices, values, rows, W, want, r0, r1, acc)
+                cptr = np.full(n_in + 2, 7, np.int64)
+                crow = np.full(R * n_in, 3, np.int32)
+                cval = np.full(R * n_in, np.nan, dtype)
+                dense.csr_matmul_csc_rows(ptr, parts, c, indices, values, rows, W, got, r0, r1,
+                                          acc, a, e, cptr, crow, cval)
+                assert got.tobytes() == want.tobytes()
+                assert (cptr[:a] == 7).all() and (cptr[e:] == 7).all()
+                for k in range(a, e):
+                    entries = [(r, X[rows[r], k]) for r in range(r0, r1) if X[rows[r], k] != 0]
+                    slots = slice((k - a) * R, (k - a) * R + cptr[k])
+                    assert list(zip(crow[slots], cval[slots])) == entries
+
+
 def _column_cuts(indptr, indices, cuts):
     """dense.csr_column_cuts, checked against a NumPy twin: each row's nonzeros cut
     at the columns cuts[1..-2]."""
@@ -354,7 +391,8 @@ def test_weight_grad_sparse(dtype, way):
         crow = np.full((r1 - r0) * n_in, 3, np.int32)
         cval = np.full((r1 - r0) * n_in, np.nan, dtype)
         grad = getattr(epoch, way)
-        work = () if way == "weight_grad_scatter" else (cptr, crow, cval)
+        # The CSC's kernel sorts the nonzeros itself here (built False).
+        work = () if way == "weight_grad_scatter" else (cptr, crow, cval, False)
         grad(indptr, 1, 0, 0, n_in, indices, values, rows, r0, r1, D, dW, db, touched, *work)
         Xb = X[rows[r0:r1]]
         np.testing.assert_array_equal(touched, (Xb != 0).any(axis=0))
@@ -380,6 +418,19 @@ def test_weight_grad_sparse(dtype, way):
             mine = np.zeros(n_in, np.bool_)
             mine[a:e] = touched[a:e]
             np.testing.assert_array_equal(part[mine], ref[mine])
+            if way == "weight_grad_csc":
+                # The CSC sorted by the forward product instead (built True): the
+                # same bytes, workspaces dirtied in between.
+                out = rand(rng, (B, n_out), dtype)
+                cptr[:] = 7
+                crow[:] = 3
+                dense.csr_matmul_csc_rows(cut_ptr, 3, c, indices, values, rows,
+                                          rand(rng, (n_in, n_out), dtype), out, r0, r1, False,
+                                          a, e, cptr, crow, cval)
+                again = np.full_like(dW, np.nan)
+                grad(cut_ptr, 3, c, a, e, indices, values, rows, r0, r1, D, again, db, seen,
+                     cptr, crow, cval, True)
+                assert again.tobytes() == part.tobytes()
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])

@@ -109,12 +109,13 @@ def level_data(rng, n, d=255):
     return np.where(X != 0, rng.integers(1, 256, X.shape) / d, 0.0), y
 
 
-def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None, split=None):
+def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None, split=None,
+                              hidden=8):
     """The compiled loop against fastmlp.reference, float64, the same shuffles,
     partial last batch included; chunks: workspaces for that many chunks (run by
     the threads there are); split: whether the first layer must have been split by
-    input columns (None: where the Engine does that by itself). Returns the numba
-    engine."""
+    input columns (None: where the Engine does that by itself); hidden: the first
+    layer's width. Returns the numba engine."""
     rng = np.random.default_rng(7)
     if inputs == "split-input":
         X, y = split_data(rng, 103)
@@ -124,7 +125,7 @@ def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None, sp
         X, y = data(rng, 103, 17, inputs == "sparse-input")
     runs = []
     for backend in ("numpy", "numba"):
-        m = fastmlp.MLP([X.shape[1], 8, 5, 3], ["tanh", "relu", "softmax"], dtype="float64",
+        m = fastmlp.MLP([X.shape[1], hidden, 5, 3], ["tanh", "relu", "softmax"], dtype="float64",
                         seed=1)
         t = fastmlp.Trainer(m, "cross_entropy", lr=0.05, batch_size=10, seed=2, backend=backend,
                             threads=threads, optimizer=name, **kw)
@@ -182,6 +183,22 @@ def test_sgd_with_the_first_layer_split_by_columns_equals_reference(kw, inputs, 
                         lambda self, T: self.sparse and T >= 2)
     engine = _epochs_against_reference("sgd", kw, inputs, 1, 2, chunks=3, split=True)
     assert engine.called.shape == (4, 3)
+
+
+@pytest.mark.parametrize("inputs", ["sparse-input", "split-input"])
+@pytest.mark.parametrize("name,kw", [("adam", {"alpha": 0.2}), ("sgd", {"alpha": 0.3})])
+def test_split_first_layer_summed_from_a_csc_equals_reference(name, kw, inputs, monkeypatch):
+    """A first layer wide enough that its weight gradient sums from a per-chunk CSC
+    (epoch.sparse_grad_uses_csc), split by input columns: the partial forward
+    product sorts each chunk's CSC as it reads the nonzeros, and the gradient sums
+    from it (the tests above take the scatter, 8 units wide)."""
+    from fastmlp import _numba_backend
+    from fastmlp.kernels.epoch import sparse_grad_uses_csc
+    assert sparse_grad_uses_csc(100)
+    monkeypatch.setattr(_numba_backend.Engine, "splits_features",
+                        lambda self, T: self.sparse and T >= 2)
+    engine = _epochs_against_reference(name, kw, inputs, 1, 2, chunks=3, split=True, hidden=100)
+    assert engine.cptr is not None
 
 
 @pytest.mark.parametrize("name,kw", [c for c in CASES if c[1]])
