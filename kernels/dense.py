@@ -22,6 +22,17 @@ from .vmath import exp, sigmoid, tanh
 LINEAR, SIGMOID, TANH, RELU, SOFTMAX = 0, 1, 2, 3, 4
 SQUARED_ERROR, CROSS_ENTROPY = 0, 1
 
+@njit(error_model="numpy", inline="always")
+def _prefetch_ahead(indptr, parts, c, indices, values, rows, r, r1):
+    """Before row r of a CSR product: the next row's nonzeros, and the row after
+    next's offsets (see csr_matmul_rows)."""
+    if r + 2 < r1:
+        prefetch(indptr, rows[r + 2] * parts + c)
+    if r + 1 < r1:
+        q = rows[r + 1] * parts + c
+        prefetch_csr_part(indices, values, indptr[q], indptr[q + 1])
+
+
 @njit(cache=True, error_model="numpy")
 def csr_matmul_rows(indptr, parts, c, indices, values, rows, W, out, r0, r1, acc):
     """out[r] = x W (out[r] += x W where acc) for rows r0..r1-1, where x is part c of
@@ -42,11 +53,7 @@ def csr_matmul_rows(indptr, parts, c, indices, values, rows, W, out, r0, r1, acc
     0.0251."""
     narrow = takes_narrow_row(W)
     for r in range(r0, r1):
-        if r + 2 < r1:
-            prefetch(indptr, rows[r + 2] * parts + c)
-        if r + 1 < r1:
-            q = rows[r + 1] * parts + c
-            prefetch_csr_part(indices, values, indptr[q], indptr[q + 1])
+        _prefetch_ahead(indptr, parts, c, indices, values, rows, r, r1)
         q = rows[r] * parts + c
         if narrow:
             combine_narrow_row(out, r, indices, values, indptr[q], indptr[q + 1], W, acc)
@@ -73,11 +80,7 @@ def csr_matmul_csc_rows(indptr, parts, c, indices, values, rows, W, out, r0, r1,
     whole = takes_whole_row(W)
     narrow = takes_narrow_row(W)
     for r in range(r0, r1):
-        if r + 2 < r1:
-            prefetch(indptr, rows[r + 2] * parts + c)
-        if r + 1 < r1:
-            q = rows[r + 1] * parts + c
-            prefetch_csr_part(indices, values, indptr[q], indptr[q + 1])
+        _prefetch_ahead(indptr, parts, c, indices, values, rows, r, r1)
         q = rows[r] * parts + c
         p0, p1 = indptr[q], indptr[q + 1]
         if whole:

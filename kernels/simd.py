@@ -208,6 +208,17 @@ combine_tile1 = _tile_intrinsic(1)
 WHOLE_ROW_VECTORS = (9, 16)   # rows combine_whole_row takes, in vectors
 
 
+def _row_vectors(builder, vec, m):
+    """(n, jl) for rows of M's width: its number of vectors (a row narrower than one
+    counts as none) and the column where the last one starts (ending on the row's
+    last column)."""
+    n_out = cgutils.unpack_tuple(builder, m.shape)[1]
+    lanes = ir.Constant(vec.intp, vec.lanes)
+    n = builder.udiv(builder.add(n_out, builder.sub(lanes, ir.Constant(vec.intp, 1))), lanes)
+    n = builder.select(builder.icmp_signed("<", n_out, lanes), ir.Constant(vec.intp, 0), n)
+    return n, builder.sub(n_out, lanes)
+
+
 def _whole_row_codegen(lo, hi, name, emit):
     """Codegen of an intrinsic (out, i, idx, val, q0, q1, M, acc) that sums a whole
     row of M's width in one pass (onto out's own values where acc): a switch on the
@@ -221,11 +232,7 @@ def _whole_row_codegen(lo, hi, name, emit):
                         for n in (1, 4, 5))
         vec = _Vectors(context, builder, signature.args[6].dtype)
         acc_ = context.cast(builder, args[7], signature.args[7], types.boolean)
-        n_out = cgutils.unpack_tuple(builder, m.shape)[1]
-        lanes = ir.Constant(vec.intp, vec.lanes)
-        n = builder.udiv(builder.add(n_out, builder.sub(lanes, ir.Constant(vec.intp, 1))), lanes)
-        n = builder.select(builder.icmp_signed("<", n_out, lanes), ir.Constant(vec.intp, 0), n)
-        jl = builder.sub(n_out, lanes)
+        n, jl = _row_vectors(builder, vec, m)
         _switch(builder, vec.intp, n, range(lo, hi + 1), name,
                 lambda n_vec: emit(builder, vec, o, ix, vl, m, i_, q0_, q1_, n_vec, acc_, jl))
         return context.get_dummy_value()
@@ -279,11 +286,7 @@ def combine_whole_row_csc(typingctx, out, i, idx, val, q0, q1, M, acc, k0, R, cp
                                  for n in (1, 4, 5, 8, 9))
         vec = _Vectors(context, builder, signature.args[6].dtype)
         acc_ = context.cast(builder, args[7], signature.args[7], types.boolean)
-        n_out = cgutils.unpack_tuple(builder, m.shape)[1]
-        lanes = ir.Constant(vec.intp, vec.lanes)
-        n = builder.udiv(builder.add(n_out, builder.sub(lanes, ir.Constant(vec.intp, 1))), lanes)
-        n = builder.select(builder.icmp_signed("<", n_out, lanes), ir.Constant(vec.intp, 0), n)
-        jl = builder.sub(n_out, lanes)
+        n, jl = _row_vectors(builder, vec, m)
         row32 = builder.trunc(i_, ir.IntType(32))
         one = ir.Constant(vec.intp, 1)
 
