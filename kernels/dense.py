@@ -302,11 +302,7 @@ def backprop_rows(D, W, A_prev, act_prev, D_prev, r0, r1):
         else:
             np.dot(D[r0:r1], W.T, D_prev[r0:r1])
     if act_prev != LINEAR:
-        one = D.dtype.type(1)
-        zero = D.dtype.type(0)
-        for r in range(r0, r1):
-            for k in range(D_prev.shape[1]):
-                D_prev[r, k] *= derivative(act_prev, A_prev[r, k], one, zero)
+        activation_vjp_rows(act_prev, A_prev, D_prev, r0, r1)
 
 
 @njit(cache=True, error_model="numpy")

@@ -47,8 +47,9 @@ the caller limits BLAS to one thread, since the chunks already use every core. W
 sparse input (MNIST is ~81% zeros) the first layer's forward product reads the data
 as CSR (indptr, indices, values), and its weight gradient adds each nonzero
 pixel's contribution into its row of dW (weight_grad_scatter), or, for the layer
-widths where that was measured slower (sparse_grad_uses_csc), sorts each chunk's
-nonzeros by pixel and sums each row of dW from them (weight_grad_csc); only nonzero
+widths where that was measured slower (sparse_grad_uses_csc), sums each row of dW
+from the chunk's nonzeros sorted by pixel, which the forward product sorted as it
+read them (csr_matmul_csc_rows, then weight_grad_csc); only nonzero
 pixels cost anything, and rows of W_1 whose pixel is zero in the whole batch are
 not touched (their gradient is exactly zero). The caller picks one of the two by
 the type of the CSC workspaces (None for the scatter), so that only that one is
@@ -147,38 +148,25 @@ def weight_grad_scatter(indptr, parts, c, k0, k1, indices, values, rows, r0, r1,
 
 
 @njit(cache=True, error_model="numpy")
-def weight_grad_csc(indptr, parts, c, k0, k1, indices, values, rows, r0, r1, D, dW, db, touched,
-                    cptr, crow, cval, built):
-    """weight_grad_scatter's gradient (the same bits) by first sorting the chunk's
-    rows by pixel, so that each dW[k] is summed in vector registers from the rows
-    of D, which stay in L1, and written once. Column k's entries go to slots
-    (k - k0) * R .. (k - k0) * R + cptr[k] - 1 of crow and cval (R = r1 - r0 rows: a
-    column has at most one entry a row), in row order; cptr (at least k1) counts
-    them and crow and cval hold at least R * (k1 - k0). For wide layers this beats
-    reading and writing dW's row for every nonzero (the scatter): one MNIST epoch
-    of first-layer forward products and weight gradients, one thread, batch chunks
-    of 100, on an Intel Xeon (2 MiB L2): 0.142 against 0.171 s (100 units).
+def weight_grad_csc(k0, k1, r0, r1, D, dW, db, touched, cptr, crow, cval):
+    """weight_grad_scatter's gradient (the same bits) from the chunk's rows sorted by
+    pixel, so that each dW[k] is summed in vector registers from the rows of D,
+    which stay in L1, and written once. The forward product sorted them as it read
+    them (fastmlp.kernels.dense.csr_matmul_csc_rows, for the same rows r0..r1-1 and
+    columns k0..k1-1): column k's entries are in slots (k - k0) * R .. (k - k0) * R +
+    cptr[k] - 1 of crow (the batch row) and cval (R = r1 - r0 rows: a column has at
+    most one entry a row), in row order. For wide layers this beats reading and
+    writing dW's row for every nonzero (the scatter): one MNIST epoch of
+    first-layer forward products and weight gradients, one thread, batch chunks of
+    100, on an Intel Xeon (2 MiB L2): 0.142 against 0.171 s (100 units).
 
     Fixed slots per column, rather than a counting sort's packed runs, need no
     counting pass and no prefix sum: 100 MNIST rows (3,050 nonzeros) after their
-    forward product, 100 units, one thread, Zen 4: 21.7-22.6 against 25.4-26.0 us.
-
-    built says that cptr, crow and cval already hold these rows' CSC: the forward
-    product sorted them as it read them (fastmlp.kernels.dense.csr_matmul_csc_rows,
-    the same slots); else they are sorted here first.
+    forward product, 100 units, one thread, Zen 4: 21.7-22.6 against 25.4-26.0 us
+    (sorted here then, in a pass of its own; sorted in the forward product, 300
+    such batches took 25.4 against 30.0 million cycles, product and gradient).
     """
     R = r1 - r0
-    if not built:
-        for k in range(k0, k1):
-            cptr[k] = 0
-        for r in range(r0, r1):
-            q = rows[r] * parts + c
-            for p in range(indptr[q], indptr[q + 1]):
-                k = indices[p]
-                s = (k - k0) * R + cptr[k]
-                crow[s] = r
-                cval[s] = values[p]
-                cptr[k] += 1
     # Each pixel's run is short (about B/5 rows): calling sparse_combine_row for
     # each cost more than the one-pass rows gain, so the intrinsic is called here
     # (0.052-0.055 -> 0.049 s an epoch at 100 units, one thread, Zen 5).
@@ -332,15 +320,14 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
         # Where the dense columns' gradient follows, it writes the bias gradient
         # (the same sums) and the sparse one none.
         db = no_sums if n_dense > 0 else db0
-        grad = (indptr, one, zero, zero, np.int64(Ws[0].shape[0]), indices, values, rows, r0,
-                r1, Ds[0], dWs[0][t], db, touched[t])
+        n_in = np.int64(Ws[0].shape[0])
         if cptr is None:
-            ok &= call_at(fns[SPARSE_GRAD], grad)
+            ok &= call_at(fns[SPARSE_GRAD], (indptr, one, zero, zero, n_in, indices, values,
+                                             rows, r0, r1, Ds[0], dWs[0][t], db, touched[t]))
         else:
-            # The CSC the forward product sorted (True, but not a literal: the call's
-            # types must be those fns was compiled for).
-            built = r1 >= r0
-            ok &= call_at(fns[SPARSE_GRAD], grad + (cptr[t], crow[t], cval[t], built))
+            # Summed from the CSC the forward product sorted.
+            ok &= call_at(fns[SPARSE_GRAD], (zero, n_in, r0, r1, Ds[0], dWs[0][t], db,
+                                             touched[t], cptr[t], crow[t], cval[t]))
         if n_dense > 0:
             # The CSR has no nonzeros in these rows of dW (nor touched them).
             ok &= call_at(fns[WEIGHT_GRAD], (A0, Ds[0], dWs[0][t][:n_dense], db0, r0, r1))
@@ -447,14 +434,14 @@ def chunk_layer1_grad(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices,
     # delta twice more cost each chunk about 8,000 cycles a batch.
     no_sums = Ps[t, 0, :0]
     dW = dWs[0][0]
-    grad = (cut_ptr, parts, t, cuts[t, 1], cuts[t + 1, 1], indices, values, rows, zero, nb,
-            Ds[0], dW, no_sums, touched[0])
+    k0, k1 = cuts[t, 1], cuts[t + 1, 1]
     if cptr is None:
-        ok = call_at(fns[SPARSE_GRAD], grad)
+        ok = call_at(fns[SPARSE_GRAD], (cut_ptr, parts, t, k0, k1, indices, values, rows, zero,
+                                        nb, Ds[0], dW, no_sums, touched[0]))
     else:
-        # The CSC chunk_partial_forward sorted (True, but not a literal).
-        built = nb >= 0
-        ok = call_at(fns[SPARSE_GRAD], grad + (cptr[t], crow[t], cval[t], built))
+        # Summed from the CSC chunk_partial_forward sorted.
+        ok = call_at(fns[SPARSE_GRAD], (k0, k1, zero, nb, Ds[0], dW, no_sums, touched[0],
+                                        cptr[t], crow[t], cval[t]))
     if d1 > d0:
         A = _dense_part(A0, t, d0, d1, B)
         ok &= call_at(fns[WEIGHT_GRAD], (A, Ds[0], dW[d0:d1], no_sums, zero, nb))
@@ -487,18 +474,18 @@ def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, 
     put(DERIVATIVE_SUMS, derivative_sums_rows, act, As[0], Ds[0], dbs[0][0], i, i)
     if sparse:
         rows = order[0:]
-        grad = (indptr, i, i, i, i, indices, values, rows, i, i, Ds[0], dWs[0][0], dbs[0][0],
-                touched[0])
         if cptr is None:
             put(CSR_MATMUL, csr_matmul_rows, indptr, i, i, indices, values, rows, Ws[0], As[0], i,
                 i, False)
-            put(SPARSE_GRAD, weight_grad_scatter, *grad)
+            put(SPARSE_GRAD, weight_grad_scatter, indptr, i, i, i, i, indices, values, rows, i, i,
+                Ds[0], dWs[0][0], dbs[0][0], touched[0])
         else:
             # The product sorts the CSC the gradient sums from (csr_matmul_csc_rows); the
             # plain product is not compiled.
             put(CSR_MATMUL_CSC, csr_matmul_csc_rows, indptr, i, i, indices, values, rows, Ws[0],
                 As[0], i, i, False, i, i, cptr[0], crow[0], cval[0])
-            put(SPARSE_GRAD, weight_grad_csc, *grad, cptr[0], crow[0], cval[0], True)
+            put(SPARSE_GRAD, weight_grad_csc, i, i, i, i, Ds[0], dWs[0][0], dbs[0][0], touched[0],
+                cptr[0], crow[0], cval[0])
     return fns
 
 
