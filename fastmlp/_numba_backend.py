@@ -532,7 +532,11 @@ class Engine:
         # order (each array passed once: unboxing each costs its compile time).
         # Plain SGD without L2 updates by update_share's own short path: no
         # optimizer_row (ofn None), and none of the other optimisers' code compiled.
-        ofn = None if plain else epoch.optimizer_kernel(self.scalars)
+        # SGD with L2 on a sparse input, the batch split between two chunks, updates
+        # W_1 by sgd_touched_rows (compiled only for that).
+        touched_rows = (opt == epoch.SGD and self.sparse and self.cuts is None
+                        and self.called.shape[1] == 2)
+        ofn = None if plain else epoch.optimizer_kernel(self.scalars, touched_rows)
         up_extra = (self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn)
         up_args = (Ws, bs_, self.dWs, self.dbs, self.sparse, self.touched, np.int64(opt),
                    self.scalars, Ms, Vs, mbs, vbs, self.sq_parts, ofn, self.cuts)

@@ -543,13 +543,65 @@ def optimizer_row(p, g, g2, m, v, opt, inv_n, decay, lr, mu, b1, b2, c1, c2, eps
         sq[0] += s
 
 
-def optimizer_kernel(scalars):
-    """optimizer_row's (address, signature key) for update_share: 1-D parameter and
-    moment arrays and scalars of scalars' dtype (update_share's step scalars), and
-    a float64 sq."""
+# reassoc: as in optimizer_row (the sum of squares vectorised).
+@njit(cache=True, error_model="numpy", fastmath={"reassoc"})
+def sgd_touched_rows(W, G0, G1, t0, t1, k0, k1, inv_n, decay, lr, sq):
+    """optimizer_row's SGD step (the same weights, bit for bit) for the rows k0..k1-1
+    of a sparse input's W (2-D) from two chunks' gradients G0 and G1, where a row
+    chunk c's sparse gradient did not touch (t0[k] or t1[k] False) holds another
+    batch's numbers and counts as zeros: it is neither zeroed nor read. With L2
+    every weight moves every batch, and the zeroing wrote each untouched row of
+    the other chunk's gradient, a line from the other core's cache, and read it
+    back (MNIST, 100 rows a chunk: about 280 of W_1's 784 rows untouched by each
+    chunk). Adds the rows' sum of p^2 before the update (float64) into sq[0] when
+    decay > 0."""
+    n = W.shape[1]
+    z = W.dtype.type(0)
+    s = 0.0
+    for k in range(k0, k1):
+        a, b = t0[k], t1[k]
+        # The same sums as zeroed rows gave: g + 0 and 0 + g, not g alone (for g
+        # = -0 the sum is +0).
+        if a and b:
+            for j in range(n):
+                x = W[k, j]
+                s += np.float64(x) * np.float64(x)
+                W[k, j] = x - lr * ((G0[k, j] + G1[k, j]) * inv_n + decay * x)
+        elif a:
+            for j in range(n):
+                x = W[k, j]
+                s += np.float64(x) * np.float64(x)
+                W[k, j] = x - lr * ((G0[k, j] + z) * inv_n + decay * x)
+        elif b:
+            for j in range(n):
+                x = W[k, j]
+                s += np.float64(x) * np.float64(x)
+                W[k, j] = x - lr * ((z + G1[k, j]) * inv_n + decay * x)
+        else:
+            for j in range(n):
+                x = W[k, j]
+                s += np.float64(x) * np.float64(x)
+                W[k, j] = x - lr * ((z + z) * inv_n + decay * x)
+    if decay > 0:
+        sq[0] += s
+
+
+def optimizer_kernel(scalars, touched_rows=False):
+    """(address, signature key) of optimizer_row for update_share (1-D parameter and
+    moment arrays and scalars of scalars' dtype: update_share's step scalars, and
+    a float64 sq), then those of sgd_touched_rows (2-D W and gradients, compiled
+    only where touched_rows: plain SGD with L2 on a sparse input, the batch split
+    between two chunks; else 0 and -1, which call_at never calls)."""
     x = scalars[0]
-    return np.array(native.address(optimizer_row, (scalars,) * 5 + (np.int64(0),) + (x,) * 9
-                                   + (True, np.zeros(1))), dtype=np.int64)
+    row = native.address(optimizer_row, (scalars,) * 5 + (np.int64(0),) + (x,) * 9
+                         + (True, np.zeros(1)))
+    rows = (0, -1)
+    if touched_rows:
+        W = scalars[:1].reshape(1, 1)
+        t = np.zeros(1, dtype=np.bool_)
+        rows = native.address(sgd_touched_rows, (W, W, W, t, t, np.int64(0), np.int64(0), x, x,
+                                                 x, np.zeros(1)))
+    return np.array(row + rows, dtype=np.int64)
 
 
 @njit(cache=True, error_model="numpy")
@@ -679,7 +731,14 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
         two = False
         if ofn is not None:
             two = n_chunks == 2
-        if two and l == 0 and sparse:
+        if two and l == 0 and sparse and opt == SGD:
+            # SGD with L2: its own loop over the share's rows of W_1, each chunk's
+            # untouched rows neither zeroed nor read (sgd_touched_rows).
+            if kw1 > k0:
+                ok &= call_at(ofn[2:], (W, dW[0], dW[1], touched[0], touched[1], k0, kw1,
+                                        inv_n, decay, lr, sq))
+            kw1 = k0
+        elif two and l == 0 and sparse:
             # The optimiser adds the two chunks' gradients as it reads them (a pass
             # over dW[0] less; paired estimator epochs, 2 threads: SGD+L2 0.976 and
             # 0.93, Adam+L2 1.00-1.01 and 0.96-1.00; the same weights); a row a chunk

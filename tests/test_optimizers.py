@@ -201,6 +201,44 @@ def test_split_first_layer_summed_from_a_csc_equals_reference(name, kw, inputs, 
     assert engine.cptr is not None
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_touched_rows_equals_optimizer_row_on_zeroed_rows(dtype):
+    """sgd_touched_rows (SGD with L2 over a share of W_1's rows, two chunks'
+    gradients) against optimizer_row over the same rows after zeroing each chunk's
+    untouched gradient rows, as update_share did before: the same weights bit for
+    bit on many random cases. The untouched rows hold NaN, so reading one would
+    show; some weights and gradients are -0 (a -0 gradient plus a zeroed row is
++0, which with no L2 decides the sign of a -0 weight)."""
+    from fastmlp.kernels import epoch
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        n_in, n = int(rng.integers(1, 30)), int(rng.integers(1, 40))
+        k0 = int(rng.integers(0, n_in))
+        k1 = int(rng.integers(k0, n_in + 1))
+        W = rng.normal(size=(n_in, n)).astype(dtype)
+        W[rng.random(W.shape) < 0.1] = -0.0
+        G = [rng.normal(size=(n_in, n)).astype(dtype) for _ in range(2)]
+        for g in G:
+            g[rng.random(g.shape) < 0.1] = -0.0
+        t = [rng.random(n_in) < p for p in (0.5, 0.7)]
+        inv_n, decay, lr = (dtype(v) for v in (1 / rng.integers(1, 300), rng.choice([0, 1e-3, 0.2]),
+                                               rng.uniform(0.01, 1)))
+        want, sq_want = W.copy(), np.zeros(1)
+        Z = [np.where(tc[:, None], g, dtype(0)) for g, tc in zip(G, t)]
+        rows = slice(k0, k1)
+        x = dtype(0)
+        epoch.optimizer_row(want[rows].reshape(-1), Z[0][rows].reshape(-1), Z[1][rows].reshape(-1),
+                            want[rows].reshape(-1), want[rows].reshape(-1), epoch.SGD, inv_n,
+                            decay, lr, x, x, x, x, x, x, True, sq_want)
+        stale = [np.where(tc[:, None], g, dtype(np.nan)) for g, tc in zip(G, t)]
+        got, sq_got = W.copy(), np.zeros(1)
+        epoch.sgd_touched_rows(got, stale[0], stale[1], t[0], t[1], np.int64(k0), np.int64(k1),
+                               inv_n, decay, lr, sq_got)
+        np.testing.assert_array_equal(got, want)
+        assert np.signbit(got).tolist() == np.signbit(want).tolist()
+        np.testing.assert_allclose(sq_got, sq_want, rtol=1e-12)
+
+
 @pytest.mark.parametrize("name,kw", [c for c in CASES if c[1]])
 def test_compiled_float32_close_to_reference_and_deterministic(name, kw):
     rng = np.random.default_rng(8)
