@@ -630,10 +630,11 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
     all parameters. Writes the share's sum of squared weights before the update into
     sq_parts[t] when decay > 0 (the L2 term of the loss). scalars holds
     (1/B, alpha/B, lr, momentum, beta_1, beta_2, 1 - beta_1, 1 - beta_2, epsilon)
-    in the parameters' dtype; optimizer_row says how they are used. ofn is
-    optimizer_row's (address, signature key) for 1-D arrays and scalars of that dtype
-    (optimizer_kernel): called through it, its loops are not compiled again inside
-    this function (0.4 s of a cold start each of its two call sites). ofn is None
+    in the parameters' dtype; optimizer_row says how they are used. ofn holds
+    optimizer_row's (address, signature key) for 1-D arrays and scalars of that dtype,
+    then sgd_touched_rows' (optimizer_kernel): called through them, their loops are
+    not compiled again inside this function (0.4 s of a cold start each of
+    optimizer_row's two call sites). ofn is None
     for plain SGD without L2 (the caller knows): numba then drops every other
     optimiser's branches (each `if ofn is None`) before compiling, and compiles
     neither them nor optimizer_row for a process that only trains with plain SGD.
@@ -650,7 +651,9 @@ def update_share(t, Ws, bs, dWs, dbs, sparse, touched, opt, scalars, Ms, Vs, mbs
     one or two chunks that short path over W_1 has a loop of its own (the same
     sums), which LLVM vectorises: paired epochs on 2 threads, seed002 0.925 and
     0.80 (median ratios, two orders of 12 pairs), seed000 0.86 and 0.92 (16 pairs);
-    one thread, seed002 0.91-1.03."""
+    one thread, seed002 0.91-1.03. SGD with L2 on a sparse input and two chunks
+    updates W_1 through sgd_touched_rows (ofn[2:]), which reads only the gradient
+    rows each chunk wrote."""
     inv_n, decay, lr, mu, b1, b2, c1, c2, eps = (scalars[0], scalars[1], scalars[2], scalars[3],
                                                  scalars[4], scalars[5], scalars[6], scalars[7],
                                                  scalars[8])
