@@ -82,9 +82,10 @@ from .native import call_at, call_packed, pack_call
 from .sync import ALL, ALONE, STOP, barrier, check_in
 from .simd import (combine_whole_row, prefetch_range, sparse_combine_row, sparse_scatter_row,
                    takes_whole_row)
-from .dense import (LINEAR, PRANGE_ONLY, RELU, backprop_rows, bias_activate_rows,
-                    column_sums_rows, csr_matmul_csc_rows, csr_matmul_rows, decoded,
-                    derivative_sums_rows, matmul_rows, output_delta_rows, weight_grad_rows)
+from .dense import (LINEAR, PRANGE_ONLY, RELU, backprop_rows, backprop_transposed,
+                    bias_activate_rows, column_sums_rows, csr_matmul_csc_rows, csr_matmul_rows,
+                    decoded, derivative_sums_rows, matmul_rows, output_delta_rows,
+                    transpose_into, weight_grad_rows)
 
 
 # Widest layer whose sparse weight gradient scatters (weight_grad_scatter); wider
@@ -302,7 +303,15 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     linear = np.int64(LINEAR)
     no_sums = dbs[0][t][:0]
     for l in range(L - 1, 0, -1):
-        ok &= call_at(fns[BACKPROP], (Ds[l], Ws[l], As[l - 1], linear, Ds[l - 1], r0, r1))
+        W = Ws[l]
+        if backprop_transposed(W):
+            # W_l^T goes into the chunk's partial gradient of W_l, written only
+            # after this, and D W^T through MATMUL's tiles (see backprop_transposed).
+            WT = dWs[l][t].reshape((W.shape[1], W.shape[0]))
+            transpose_into(W, WT)
+            ok &= call_at(fns[MATMUL], (Ds[l], WT, Ds[l - 1], r0, r1))
+        else:
+            ok &= call_at(fns[BACKPROP], (Ds[l], W, As[l - 1], linear, Ds[l - 1], r0, r1))
         db = dbs[l][t] if l == L - 1 else no_sums
         ok &= call_at(fns[WEIGHT_GRAD], (As[l - 1], Ds[l], dWs[l][t], db, r0, r1))
         ok &= call_at(fns[DERIVATIVE_SUMS], (acts[l - 1], As[l - 1], Ds[l - 1], dbs[l - 1][t], r0,

@@ -183,6 +183,33 @@ def test_backprop_rows_applies_previous_derivative(dtype, act_prev):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_backprop_through_a_transposed_copy(dtype):
+    # The epoch's back-propagation through a narrow W (backprop_transposed): W^T
+    # copied into a scratch array (the chunk's partial gradient of W), then D W^T by
+    # matmul_rows, against NumPy and against backprop_rows (BLAS there).
+    rng = np.random.default_rng(6)
+    taken = 0
+    for (n_in, n_out), B in itertools.product(SIZES + [(100, 10), (64, 32), (16, 10)], BATCHES):
+        D, W = rand(rng, (B, n_out), dtype), rand(rng, (n_in, n_out), dtype)
+        r0, r1 = B // 3, B
+        if not dense.backprop_transposed(W):
+            continue
+        taken += 1
+        WT = np.full(n_in * n_out, np.nan, dtype).reshape(n_out, n_in)
+        dense.transpose_into(W, WT)
+        np.testing.assert_array_equal(WT, W.T)
+        got = np.full((B, n_in), np.nan, dtype)
+        dense.matmul_rows(D, WT, got, r0, r1)
+        np.testing.assert_allclose(got[r0:r1], (D @ W.T)[r0:r1], **TOL[dtype])
+        assert np.isnan(got[:r0]).all()
+        ref = np.empty((B, n_in), dtype)
+        dense.backprop_rows(D, W, D, dense.LINEAR, ref, r0, r1)
+        np.testing.assert_allclose(got[r0:r1], ref[r0:r1], **TOL[dtype])
+    # Where the tiles exist, the narrow layers take this way.
+    assert taken > 0 or not dense.TILES
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ELEMENTWISE)
 def test_derivative_sums_rows(dtype, act):
     # The epoch's one pass over a hidden layer's delta: the activation's derivative
