@@ -305,21 +305,30 @@ def backprop_rows(D, W, A_prev, act_prev, D_prev, r0, r1):
         activation_vjp_rows(act_prev, A_prev, D_prev, r0, r1)
 
 
+# Back-propagation through a transposed copy of W (backprop_transposed): at most
+# this many bytes in a row of W, and at least this many rows in the chunk.
+TRANSPOSED_MAX_BYTES = 128
+TRANSPOSED_MIN_ROWS = 16
+
+
 @njit(cache=True, error_model="numpy")
-def backprop_transposed(W):
-    """Whether to back-propagate through W as D W^T = matmul_rows(D, W^T) with the
-    register tiles, over a copy of W^T (transpose_into), rather than backprop_rows:
-    W's rows too narrow for the dot tiles (under NT_MIN_BYTES, where backprop_rows
-    calls BLAS) and W^T's at least FWD_MIN_BYTES. One thread, best of 3x2000
-    calls, BLAS against the copy and the tiles, thousands of cycles, (rows, n_in,
-    n_out): (100, 100, 10) 8.6 / 7.0, (50, 64, 32) 7.8 / 6.4, (50, 32, 16) 2.4 /
-    1.6, (16, 16, 10) 0.61 / 0.34, (100, 100, 30) 20.2 / 17.9, the same bits in
-    each; in 10-epoch estimator fits the back-propagation through W_2 took 3.0-3.5
-    against 3.8-4.7 million cycles a thread and epoch. The epoch calls its own
-    matmul_rows for it (compiled inside backprop_rows, the tiles' code cost a cold
-    start 0.7-0.9 s)."""
-    return (TILES and W.shape[1] * W.itemsize < NT_MIN_BYTES
-            and W.shape[0] * W.itemsize >= FWD_MIN_BYTES and small_enough(W))
+def backprop_transposed(W, rows):
+    """Whether to back-propagate `rows` rows through W as D W^T = matmul_rows(D, W^T)
+    with the register tiles, over a copy of W^T (transpose_into), rather than by
+    backprop_rows (which calls BLAS for rows of W this narrow). The copy costs
+    n_in x n_out scattered stores a call, so only narrow W and enough rows pay.
+    One thread, best of 3x2000 calls, BLAS against the copy and the tiles,
+    thousands of cycles, (rows, n_in, n_out): (100, 100, 10) 8.6 / 7.0, (50, 64, 32)
+    7.8 / 6.4, (50, 32, 16) 2.4 / 1.6, (16, 784, 10) 19.0 / 15.1, (16, 16, 10) 0.61 /
+    0.34, (100, 100, 30) 20.2 / 17.9, (16, 512, 16) 17.8 / 18.5, the same bits in
+    each; slower: (8, 256, 32) 14.1 / 16.4, (4, 64, 32) 1.0 / 2.0, (50, 256, 64) 38 /
+    77, (100, 100, 100) 57 / 57. In 10-epoch estimator fits the back-propagation
+    through W_2 took 2.3-2.6 against 3.8-3.9 million cycles a thread and epoch (the
+    copy not counted). The epoch calls its own matmul_rows for it: compiled inside
+    backprop_rows, the tiles' code cost a cold start 0.7-0.9 s."""
+    return (TILES and W.shape[1] * W.itemsize <= TRANSPOSED_MAX_BYTES
+            and rows >= TRANSPOSED_MIN_ROWS and W.shape[0] * W.itemsize >= FWD_MIN_BYTES
+            and small_enough(W))
 
 
 @njit(cache=True, error_model="numpy")

@@ -304,7 +304,7 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     no_sums = dbs[0][t][:0]
     for l in range(L - 1, 0, -1):
         W = Ws[l]
-        if backprop_transposed(W):
+        if backprop_transposed(W, r1 - r0):
             # W_l^T goes into the chunk's partial gradient of W_l, written only
             # after this, and D W^T through MATMUL's tiles (see backprop_transposed).
             WT = dWs[l][t].reshape((W.shape[1], W.shape[0]))

@@ -189,10 +189,11 @@ def test_backprop_through_a_transposed_copy(dtype):
     # matmul_rows, against NumPy and against backprop_rows (BLAS there).
     rng = np.random.default_rng(6)
     taken = 0
-    for (n_in, n_out), B in itertools.product(SIZES + [(100, 10), (64, 32), (16, 10)], BATCHES):
+    for (n_in, n_out), B in itertools.product(SIZES + [(100, 10), (64, 32), (16, 10)],
+                                              BATCHES + [24]):
         D, W = rand(rng, (B, n_out), dtype), rand(rng, (n_in, n_out), dtype)
         r0, r1 = B // 3, B
-        if not dense.backprop_transposed(W):
+        if not dense.backprop_transposed(W, r1 - r0):
             continue
         taken += 1
         WT = np.full(n_in * n_out, np.nan, dtype).reshape(n_out, n_in)

@@ -110,7 +110,7 @@ def level_data(rng, n, d=255):
 
 
 def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None, split=None,
-                              hidden=8):
+                              hidden=8, batch_size=10):
     """The compiled loop against fastmlp.reference, float64, the same shuffles,
     partial last batch included; chunks: workspaces for that many chunks (run by
     the threads there are); split: whether the first layer must have been split by
@@ -127,8 +127,8 @@ def _epochs_against_reference(name, kw, inputs, threads, epochs, chunks=None, sp
     for backend in ("numpy", "numba"):
         m = fastmlp.MLP([X.shape[1], hidden, 5, 3], ["tanh", "relu", "softmax"], dtype="float64",
                         seed=1)
-        t = fastmlp.Trainer(m, "cross_entropy", lr=0.05, batch_size=10, seed=2, backend=backend,
-                            threads=threads, optimizer=name, **kw)
+        t = fastmlp.Trainer(m, "cross_entropy", lr=0.05, batch_size=batch_size, seed=2,
+                            backend=backend, threads=threads, optimizer=name, **kw)
         if backend == "numba":
             engine = t._get_engine()
             if chunks is not None:
@@ -157,6 +157,17 @@ def test_compiled_epochs_equal_reference_float64(name, kw, inputs, threads):
     """Three epochs of the compiled loop (fused optimiser update, the sparse first
     layer's touched rows, L2 in the loss) against fastmlp.reference."""
     _epochs_against_reference(name, kw, inputs, threads, 3)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("name,kw", [("sgd", {}), ("sgd", {"alpha": 0.3}), ("adam", {})])
+def test_compiled_epochs_with_large_chunks_equal_reference_float64(name, kw, threads):
+    """Batches of 40 (chunks of 20 or 40 rows): the back-propagation through the
+    8x5 layer takes a transposed copy and the register tiles
+    (dense.backprop_transposed; the other tests' chunks of 5-10 rows take BLAS)."""
+    from fastmlp.kernels import dense
+    assert dense.backprop_transposed(np.zeros((8, 5)), 20) == dense.TILES
+    _epochs_against_reference(name, kw, "sparse-input", threads, 3, batch_size=40)
 
 
 @pytest.mark.parametrize("inputs", ["sparse-input", "split-input", "dense-input"])
