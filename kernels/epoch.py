@@ -506,6 +506,13 @@ def _summed(g, g2, j, two):
     return g[j] + g2[j] if two else g[j]
 
 
+@njit(error_model="numpy", inline="always")
+def _sgd_step(x, g, inv_n, decay, lr):
+    """SGD's new value of a parameter x from its gradient summed over the batch, g:
+    the mean gradient plus the L2 term is g * inv_n + decay * x."""
+    return x - lr * (g * inv_n + decay * x)
+
+
 # reassoc lets LLVM vectorise the sum of squares (in an order fixed at compile
 # time, so runs stay bit-identical); without it that sum is a serial chain of
 # scalar adds. Summed here rather than in a pass of its own over p before the
@@ -525,7 +532,7 @@ def optimizer_row(p, g, g2, m, v, opt, inv_n, decay, lr, mu, b1, b2, c1, c2, eps
         for j in range(n):
             x = p[j]
             s += np.float64(x) * np.float64(x)
-            p[j] = x - lr * (_summed(g, g2, j, two) * inv_n + decay * x)
+            p[j] = _sgd_step(x, _summed(g, g2, j, two), inv_n, decay, lr)
     elif opt == MOMENTUM:
         for j in range(n):
             x = p[j]
@@ -575,22 +582,22 @@ def sgd_touched_rows(W, G0, G1, t0, t1, k0, k1, inv_n, decay, lr, sq):
             for j in range(n):
                 x = W[k, j]
                 s += np.float64(x) * np.float64(x)
-                W[k, j] = x - lr * ((G0[k, j] + G1[k, j]) * inv_n + decay * x)
+                W[k, j] = _sgd_step(x, G0[k, j] + G1[k, j], inv_n, decay, lr)
         elif a:
             for j in range(n):
                 x = W[k, j]
                 s += np.float64(x) * np.float64(x)
-                W[k, j] = x - lr * ((G0[k, j] + z) * inv_n + decay * x)
+                W[k, j] = _sgd_step(x, G0[k, j] + z, inv_n, decay, lr)
         elif b:
             for j in range(n):
                 x = W[k, j]
                 s += np.float64(x) * np.float64(x)
-                W[k, j] = x - lr * ((z + G1[k, j]) * inv_n + decay * x)
+                W[k, j] = _sgd_step(x, z + G1[k, j], inv_n, decay, lr)
         else:
             for j in range(n):
                 x = W[k, j]
                 s += np.float64(x) * np.float64(x)
-                W[k, j] = x - lr * ((z + z) * inv_n + decay * x)
+                W[k, j] = _sgd_step(x, z + z, inv_n, decay, lr)
     if decay > 0:
         sq[0] += s
 
