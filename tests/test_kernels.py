@@ -28,6 +28,14 @@ def sparse_input(rng, shape, dtype):
     return X
 
 
+def shuffled_sparse_batch(rng, B, n_in, dtype, spare=5):
+    """X (B + spare sparse rows), a shuffled batch of B of its rows (int64), and X's
+    CSR arrays (indptr, indices, values)."""
+    X = sparse_input(rng, (B + spare, n_in), dtype)
+    rows = rng.permutation(B + spare)[:B].astype(np.int64)
+    return (X, rows) + tuple(to_csr(X))
+
+
 def test_kernel_codes_match_the_api_names():
     # The kernels switch on small integers that fastmlp's name tables define a
     # second time (the kernels cannot import the API); a mismatch would silently
@@ -63,11 +71,9 @@ def test_csr_matmul_rows(dtype):
     # SIZES, and first layers narrow enough for combine_narrow_row's two chains.
     for (n_in, n_out), B in itertools.product(SIZES + [(30, 8), (29, 16), (31, 24), (33, 32)],
                                               BATCHES):
-        X = sparse_input(rng, (B + 5, n_in), dtype)
+        X, rows, indptr, indices, values = shuffled_sparse_batch(rng, B, n_in, dtype)
         W = rand(rng, (n_in, n_out), dtype)
-        rows = rng.permutation(B + 5)[:B].astype(np.int64)
         out = np.full((B, n_out), np.nan, dtype=dtype)
-        indptr, indices, values = to_csr(X)
         dense.csr_matmul_rows(indptr, 1, 0, indices, values, rows, W, out, 0, B, False)
         np.testing.assert_allclose(out, X[rows] @ W, **TOL[dtype])
         # acc: added to what out holds (the dense columns' product, in the epoch).
@@ -98,10 +104,8 @@ def test_csr_matmul_csc_rows(dtype):
     rng = np.random.default_rng(17)
     for (n_in, n_out), B in itertools.product(SIZES + [(50, 100), (30, 129), (20, 65), (40, 97)],
                                               BATCHES):
-        X = sparse_input(rng, (B + 5, n_in), dtype)
+        X, rows, indptr, indices, values = shuffled_sparse_batch(rng, B, n_in, dtype)
         W = rand(rng, (n_in, n_out), dtype)
-        rows = rng.permutation(B + 5)[:B].astype(np.int64)
-        indptr, indices, values = to_csr(X)
         r0, r1 = B // 3, B
         R = r1 - r0
         cuts = np.array([0] + sorted(rng.integers(0, n_in + 1, 2)) + [n_in])
@@ -406,9 +410,7 @@ def test_weight_grad_sparse(dtype, way):
     # the last whole vector.
     sizes = SIZES + [(50, 100), (30, 129), (20, 65)]
     for (n_in, n_out), B in itertools.product(sizes, BATCHES):
-        X = sparse_input(rng, (B + 9, n_in), dtype)
-        indptr, indices, values = to_csr(X)
-        rows = rng.permutation(B + 9)[:B].astype(np.int64)
+        X, rows, indptr, indices, values = shuffled_sparse_batch(rng, B, n_in, dtype, spare=9)
         D = rand(rng, (B, n_out), dtype)
         dW = np.full((n_in, n_out), np.nan, dtype)
         db = np.empty(n_out, dtype)
