@@ -358,20 +358,33 @@ class Engine:
         # The dense batch is gathered for a dense input, and a sparse one's dense
         # columns; the rest is read as CSR.
         split = self.cuts is not None
+        # With the batch split by rows, chunk t's rows of the batch-row workspaces
+        # (A0, Yb, As, Ds) start gap * t rows further on (epoch.chunk_forward_backward
+        # takes views from there), so that no chunk's rows lie next to another's.
+        # Next to each other, the second chunk's gather of the dense columns took
+        # 6.3-6.9 million cycles a thread and epoch (18-20 in the VM's slow state)
+        # against 4.6-4.8 for the first's, whichever thread ran it, though either
+        # half alone took the same (probably the first chunk's reads running on
+        # into the lines the second then writes). Apart, both took 3.9-5.6, the
+        # threads finished the forward and backward together and the batch loop
+        # took 133-138 against 136-145 (10-epoch MNIST estimator fits, plain SGD,
+        # 2 threads; README, Speed: "An eighth session"). The same weights.
+        gap = -(-B // T) if T > 1 and not split else 0
+        R = B + (T - 1) * gap
         if split:
             # Each chunk's own dense columns, for the whole batch (a row each).
             widest = int(np.diff(self.cuts[:, 0]).max())
             self.A0 = np.zeros((T, max(1, B * widest)), dtype=dt)
         elif self.sparse:
-            self.A0 = np.zeros((B if self.n_dense else 1, self.n_dense), dtype=dt)
+            self.A0 = np.zeros((R if self.n_dense else 1, self.n_dense), dtype=dt)
         else:
-            self.A0 = np.zeros((B, n_in), dtype=dt)
+            self.A0 = np.zeros((R, n_in), dtype=dt)
         # W_1 and its moments, rows in the order perm, while the epoch runs.
         self.permuted = [np.zeros((n_in, sizes[1]), dtype=dt) for _ in range(3)] \
             if self.n_dense else []
-        self.Yb = np.zeros((B, sizes[-1]), dtype=dt)
-        self.As = tuple(np.zeros((B, n), dtype=dt) for n in sizes[1:])
-        self.Ds = tuple(np.zeros((B, n), dtype=dt) for n in sizes[1:])
+        self.Yb = np.zeros((R, sizes[-1]), dtype=dt)
+        self.As = tuple(np.zeros((R, n), dtype=dt) for n in sizes[1:])
+        self.Ds = tuple(np.zeros((R, n), dtype=dt) for n in sizes[1:])
         self.dWs = tuple(np.zeros((T, a, b), dtype=dt) for a, b in zip(sizes[:-1], sizes[1:]))
         self.dbs = tuple(np.zeros((T, b), dtype=dt) for b in sizes[1:])
         # Which rows of W_1 each chunk's sparse weight gradient wrote.
@@ -396,7 +409,8 @@ class Engine:
         self.Ps = np.zeros((T, B, sizes[1]), dtype=dt) if split else None
         self.called = np.zeros((4, T), dtype=np.bool_)   # each chunk's kernels
         self.ctl = np.zeros(sync.CTL_SIZE, dtype=np.int64)    # their barriers' counters
-        self.batch = np.zeros(2, dtype=np.int64)
+        # The batch's start and size (set each batch), and the chunks' gap.
+        self.batch = np.array([0, 0, gap], dtype=np.int64)
         self.scalars = np.zeros(9, dtype=dt)
         self.tiny, self.top = _clip_bounds(dt)
         self.codes = _codes(m)

@@ -197,6 +197,12 @@ def weight_grad_csc(k0, k1, r0, r1, D, dW, db, touched, cptr, crow, cval):
  CSR_MATMUL_CSC) = range(8)
 
 
+@njit(error_model="numpy", inline="always")
+def _own(a, g):
+    """Rows g.. of a batch-row workspace: a chunk's view, batch row r at row r."""
+    return a[g:]
+
+
 # Called only through its address from train_epoch: no wrappers for Python or C.
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices, values, Y,
@@ -220,6 +226,11 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     chunk_layer1_grad; this writes its bias gradient's partial sums."""
     start, nb = batch[0], batch[1]
     n_chunks = loss_parts.shape[0]
+    # The batch-row workspaces (A0, Yb, As, Ds) hold chunk t's rows batch[2] * t rows
+    # further on (see Engine._allocate): views of them from there, so that batch row
+    # r is row r of each view.
+    g = batch[2] * t
+    A0, Yb = _own(A0, g), _own(Yb, g)
     r0 = t * nb // n_chunks
     r1 = (t + 1) * nb // n_chunks
     rows = order[start:]
@@ -242,8 +253,9 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     ok = True
     # Whether the first layer's bias and activation are left to BIAS_ACTIVATE.
     activate = True
+    S0 = _own(As[0], g)     # the first layer's products, then activations
     if Ps is not None:
-        S = As[0]
+        S = S0
         # A ReLU first layer's bias and activation go into the pass that adds the
         # last chunk's partial sums: the same sums in the same order as
         # BIAS_ACTIVATE's pass of its own, which cost more (100 rows of 100 units,
@@ -276,24 +288,25 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
             # (a product of their own, then added, cost a 100-unit first layer
             # B x 100 numbers more to write and read: see the README, Speed).
             if n_dense > 0:
-                ok &= call_at(fns[MATMUL], (A0, Ws[0][:n_dense], As[0], r0, r1))
+                ok &= call_at(fns[MATMUL], (A0, Ws[0][:n_dense], S0, r0, r1))
             if cptr is None:
                 ok &= call_at(fns[CSR_MATMUL], (indptr, one, zero, indices, values, rows,
-                                                Ws[0], As[0], r0, r1, n_dense > 0))
+                                                Ws[0], S0, r0, r1, n_dense > 0))
             else:
                 # The weight gradient's CSC sorted as the product reads the nonzeros.
                 ok &= call_at(fns[CSR_MATMUL_CSC], (
-                    indptr, one, zero, indices, values, rows, Ws[0], As[0], r0, r1,
+                    indptr, one, zero, indices, values, rows, Ws[0], S0, r0, r1,
                     n_dense > 0, zero, np.int64(Ws[0].shape[0]), cptr[t], crow[t], cval[t]))
         else:
-            ok &= call_at(fns[MATMUL], (A0, Ws[0], As[0], r0, r1))
+            ok &= call_at(fns[MATMUL], (A0, Ws[0], S0, r0, r1))
     if activate:
-        ok &= call_at(fns[BIAS_ACTIVATE], (acts[0], bs[0], As[0], r0, r1))
+        ok &= call_at(fns[BIAS_ACTIVATE], (acts[0], bs[0], S0, r0, r1))
     for l in range(1, L):
-        ok &= call_at(fns[MATMUL], (As[l - 1], Ws[l], As[l], r0, r1))
-        ok &= call_at(fns[BIAS_ACTIVATE], (acts[l], bs[l], As[l], r0, r1))
-    total, correct = output_delta_rows(loss, acts[L - 1], As[L - 1], Yb, Ds[L - 1], tiny, top,
-                                       r0, r1)
+        A = _own(As[l], g)
+        ok &= call_at(fns[MATMUL], (_own(As[l - 1], g), Ws[l], A, r0, r1))
+        ok &= call_at(fns[BIAS_ACTIVATE], (acts[l], bs[l], A, r0, r1))
+    total, correct = output_delta_rows(loss, acts[L - 1], _own(As[L - 1], g), Yb,
+                                       _own(Ds[L - 1], g), tiny, top, r0, r1)
     # Each hidden layer's delta gets its activation's derivative and its bias
     # gradient in one pass (derivative_sums_rows), after D W^T (BACKPROP with
     # LINEAR), and the weight gradient kernels write no bias gradient there (an
@@ -304,23 +317,25 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
     no_sums = dbs[0][t][:0]
     for l in range(L - 1, 0, -1):
         W = Ws[l]
+        A_prev, D, D_prev = _own(As[l - 1], g), _own(Ds[l], g), _own(Ds[l - 1], g)
         if backprop_transposed(W, r1 - r0):
             # W_l^T goes into the chunk's partial gradient of W_l, written only
             # after this, and D W^T through MATMUL's tiles (see backprop_transposed).
             WT = dWs[l][t].reshape((W.shape[1], W.shape[0]))
             transpose_into(W, WT)
-            ok &= call_at(fns[MATMUL], (Ds[l], WT, Ds[l - 1], r0, r1))
+            ok &= call_at(fns[MATMUL], (D, WT, D_prev, r0, r1))
         else:
-            ok &= call_at(fns[BACKPROP], (Ds[l], W, As[l - 1], linear, Ds[l - 1], r0, r1))
+            ok &= call_at(fns[BACKPROP], (D, W, A_prev, linear, D_prev, r0, r1))
         db = dbs[l][t] if l == L - 1 else no_sums
-        ok &= call_at(fns[WEIGHT_GRAD], (As[l - 1], Ds[l], dWs[l][t], db, r0, r1))
-        ok &= call_at(fns[DERIVATIVE_SUMS], (acts[l - 1], As[l - 1], Ds[l - 1], dbs[l - 1][t], r0,
+        ok &= call_at(fns[WEIGHT_GRAD], (A_prev, D, dWs[l][t], db, r0, r1))
+        ok &= call_at(fns[DERIVATIVE_SUMS], (acts[l - 1], A_prev, D_prev, dbs[l - 1][t], r0,
                                              r1))
     # The first layer's bias gradient, unless a layer above wrote it.
     db0 = dbs[0][t] if L == 1 else no_sums
+    D0 = _own(Ds[0], g)
     if Ps is not None:
         if L == 1:
-            column_sums_rows(Ds[0], db0, r0, r1)
+            column_sums_rows(D0, db0, r0, r1)
     elif sparse:
         # cptr is None for layers the scatter takes: numba then drops the other
         # branch before typing it, so a process compiles only the way it uses
@@ -332,18 +347,18 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
         n_in = np.int64(Ws[0].shape[0])
         if cptr is None:
             ok &= call_at(fns[SPARSE_GRAD], (indptr, one, zero, zero, n_in, indices, values,
-                                             rows, r0, r1, Ds[0], dWs[0][t], db, touched[t]))
+                                             rows, r0, r1, D0, dWs[0][t], db, touched[t]))
         else:
             # Summed from the CSC the forward product sorted.
-            ok &= call_at(fns[SPARSE_GRAD], (zero, n_in, r0, r1, Ds[0], dWs[0][t], db,
+            ok &= call_at(fns[SPARSE_GRAD], (zero, n_in, r0, r1, D0, dWs[0][t], db,
                                              touched[t], cptr[t], crow[t], cval[t]))
         if n_dense > 0:
             # The CSR has no nonzeros in these rows of dW (nor touched them).
-            ok &= call_at(fns[WEIGHT_GRAD], (A0, Ds[0], dWs[0][t][:n_dense], db0, r0, r1))
+            ok &= call_at(fns[WEIGHT_GRAD], (A0, D0, dWs[0][t][:n_dense], db0, r0, r1))
             for k in range(n_dense):
                 touched[t, k] = True
     else:
-        ok &= call_at(fns[WEIGHT_GRAD], (A0, Ds[0], dWs[0][t], db0, r0, r1))
+        ok &= call_at(fns[WEIGHT_GRAD], (A0, D0, dWs[0][t], db0, r0, r1))
     if not ok:
         raise RuntimeError("chunk_forward_backward: a kernel in fns was compiled for other "
                            "argument types, or failed")

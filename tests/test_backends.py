@@ -114,6 +114,14 @@ def _epoch_against_reference(sizes, acts, loss, threads, chunks=None):
         np.testing.assert_array_equal(np.sort(engine.perm[:200]), np.arange(300, 500))
     assert done == -(-n // bs)
     assert bad == -1
+    # With the batch split by rows, each chunk's rows of the batch-row workspaces
+    # start a chunk's share further on than the last's (a gap between chunks),
+    # and the epoch reads them where they were written: the comparison below.
+    T = engine.called.shape[1]
+    gap = -(-bs // T) if T > 1 and engine.cuts is None else 0
+    assert engine.batch[2] == gap
+    for a in (engine.Yb,) + engine.As + engine.Ds:
+        assert a.shape[0] == bs + (T - 1) * gap
     assert c_got == c_ref
     assert t_got == pytest.approx(t_ref, rel=1e-12)
     for a, b in zip(ref_model.weights + ref_model.biases, got_model.weights + got_model.biases):
