@@ -1,5 +1,6 @@
 """The numba backend: owns the workspaces and calls fastmlp.kernels."""
 import contextlib
+import mmap
 
 import numpy as np
 
@@ -47,6 +48,29 @@ def num_threads(threads):
 
 _NO_INDICES = np.zeros(0, dtype=np.int32)
 
+# Arrays at least this large that the split writes once (a fit's fresh copy of the
+# training set's CSR and dense columns) are asked for 2 MB pages where the OS has
+# them (Linux's transparent huge pages in madvise mode): each 4 KB page's first
+# write is a fault. Splitting MNIST's training set (27.6 MB of them) made 1,775
+# minor faults against 786 (the rest are smaller arrays'), and took 18.6-19.8 ms
+# against 15.0-17.5 (medians of 5).
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def _empty(n, dtype):
+    """np.empty(n, dtype), on 2 MB pages where the OS gives them (see
+    HUGE_PAGE_BYTES); its memory is freed with the array."""
+    dtype = np.dtype(dtype)
+    size = n * dtype.itemsize
+    if size < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(n, dtype=dtype)
+    pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        pages.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass    # not offered: 4 KB pages, as np.empty's
+    return np.frombuffer(pages, dtype=dtype, count=n)
+
 
 class NonFiniteInput(ValueError):
     """The training input holds a NaN or an infinity (Engine.prepare with
@@ -80,12 +104,12 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     counts = _counted_rows(X, where, cols, kind, d, check_finite)
     indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    indices = np.empty(indptr[-1], dtype=np.int32)
-    values = np.empty(indptr[-1], dtype=X.dtype)
-    Xd = np.empty((X.shape[0], len(cols)), dtype=kind)
+    indices = _empty(indptr[-1], np.int32)
+    values = _empty(indptr[-1], X.dtype)
+    Xd = _empty(X.shape[0] * len(cols), kind).reshape(X.shape[0], len(cols))
     dense.csr_rows(X, where, cols, counts, indptr, indices, values, Xd, d, True)
     if levels is not None and counts.any():
-        Xd = np.empty((X.shape[0], len(cols)), dtype=X.dtype)
+        Xd = _empty(X.shape[0] * len(cols), X.dtype).reshape(X.shape[0], len(cols))
         dense.csr_rows(X, where, cols, counts, indptr, indices, values, Xd, d, True)
     return Xd, indptr, indices, values
 

@@ -545,6 +545,39 @@ def test_split_csr_equals_numpy(dtype):
                 assert values.dtype == dtype and indices.dtype == np.int32
 
 
+def test_split_csr_on_huge_pages_equals_numpy():
+    """Arrays of at least HUGE_PAGE_BYTES come from _empty's own pages (asked for 2
+    MB pages): writable, C-contiguous, and the same split as NumPy's twin gives."""
+    import scipy.sparse
+    from fastmlp._numba_backend import HUGE_PAGE_BYTES, _empty, split_csr
+
+    def own_pages(a):
+        # np.frombuffer over _empty's mapping, possibly under views of it
+        while isinstance(a.base, np.ndarray):
+            a = a.base
+        return isinstance(a.base, memoryview)
+    small, big = _empty(10, np.int32), _empty(HUGE_PAGE_BYTES // 4 + 3, np.float32)
+    assert not own_pages(small) and own_pages(big)
+    for a, n, dt in ((small, 10, np.int32), (big, HUGE_PAGE_BYTES // 4 + 3, np.float32)):
+        assert a.shape == (n,) and a.dtype == dt and a.flags.writeable and a.flags.c_contiguous
+    rng = np.random.default_rng(23)
+    X = rng.normal(size=(3000, 785)).astype(np.float32)
+    X[rng.random(X.shape) < 0.6] = 0
+    perm = np.concatenate([np.arange(200, 500), np.arange(200), np.arange(500, 785)])
+    Xd, indptr, indices, values = split_csr(X, perm, 300)
+    for a in (Xd, indices, values):
+        assert a.nbytes >= HUGE_PAGE_BYTES and own_pages(a)
+        assert a.flags.writeable and a.flags.c_contiguous
+    Xp = X[:, perm]
+    np.testing.assert_array_equal(Xd, Xp[:, :300])
+    rest = Xp.copy()
+    rest[:, :300] = 0
+    ref = scipy.sparse.csr_matrix(rest)
+    np.testing.assert_array_equal(indptr, ref.indptr)
+    np.testing.assert_array_equal(indices, ref.indices)
+    np.testing.assert_array_equal(values, ref.data)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_split_csr_keeps_levels_exactly(dtype):
     """With levels d, the dense columns as uint8 levels c with c / d == the value in
