@@ -38,8 +38,9 @@ train_epoch is not one (numba's parallel passes over train_epoch and its loop
 bodies cost a cold start about 1 s more).
 
 Parameters and workspaces are tuples of arrays, one per layer: Ws[l] (n_in,
-n_out), bs[l] (n_out,), As[l] and Ds[l] (batch, n_out), dWs[l] (n_chunks, n_in,
-n_out), dbs[l] (n_chunks, n_out). Nothing is allocated inside the batch loop.
+n_out), bs[l] (n_out,), As[l] and Ds[l] (batch + (n_chunks - 1) * gap, n_out: chunk
+t's rows gap * t further on, batch[2] = gap), dWs[l] (n_chunks, n_in, n_out),
+dbs[l] (n_chunks, n_out). Nothing is allocated inside the batch loop.
 
 Dense matrix products go, chunk by chunk, through register tiles (gemm.py) or BLAS
 (np.dot into views of each chunk's rows), as dense.py chooses by width and CPU;
