@@ -84,9 +84,16 @@ def test_epoch_on_three_chunks_equals_reference_float64(sizes, acts, loss):
     _epoch_against_reference(sizes, acts, loss, 1, chunks=3)
 
 
-def _epoch_against_reference(sizes, acts, loss, threads, chunks=None):
+@pytest.mark.parametrize("sizes,acts,loss", NETS[:2])
+def test_epoch_with_large_batches_equals_reference_float64(sizes, acts, loss):
+    """Batches of 300 rows in two chunks: their rows of the batch-row workspaces
+    are MAX_CHUNK_GAP rows apart, not a chunk's share (150)."""
+    _epoch_against_reference(sizes, acts, loss, 1, chunks=2, n=700, bs=300)
+
+
+def _epoch_against_reference(sizes, acts, loss, threads, chunks=None, n=230, bs=32):
+    # By default 8 batches, the last of 6 rows.
     rng = np.random.default_rng(99)
-    n, bs = 230, 32                         # 8 batches, the last of 6 rows
     X = inputs(rng, n, sizes[0], split=sizes in SPLIT_NETS)
     ref_model = fastmlp.MLP(sizes, acts, dtype="float64", seed=5)
     Y = fastmlp.trainer.targets(ref_model, random_targets(rng, n, sizes[-1], loss, ref_model.activations[-1]))
@@ -117,8 +124,9 @@ def _epoch_against_reference(sizes, acts, loss, threads, chunks=None):
     # With the batch split by rows, each chunk's rows of the batch-row workspaces
     # start a chunk's share further on than the last's (a gap between chunks),
     # and the epoch reads them where they were written: the comparison below.
+    from fastmlp._numba_backend import MAX_CHUNK_GAP
     T = engine.called.shape[1]
-    gap = -(-bs // T) if T > 1 and engine.cuts is None else 0
+    gap = min(-(-bs // T), MAX_CHUNK_GAP) if T > 1 and engine.cuts is None else 0
     assert engine.batch[2] == gap
     for a in (engine.Yb,) + engine.As + engine.Ds:
         assert a.shape[0] == bs + (T - 1) * gap
