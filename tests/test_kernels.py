@@ -510,6 +510,28 @@ def test_to_csr_equals_scipy(dtype):
         assert values.dtype == dtype and indices.dtype == np.int32
 
 
+def assert_split_equals_numpy(X, perm, n_dense, split, tail_sorted):
+    """split_csr's (Xd, indptr, indices, values) for X, perm and n_dense against fancy
+    indexing and SciPy's CSR: the matrix always, the arrays themselves where the
+    CSR's columns are listed in ascending order (tail_sorted)."""
+    import scipy.sparse
+    Xd, indptr, indices, values = split
+    Xp = X[:, perm]
+    assert Xd.shape == (X.shape[0], n_dense) and Xd.flags.c_contiguous
+    np.testing.assert_array_equal(Xd, Xp[:, :n_dense])
+    rest = Xp.copy()
+    rest[:, :n_dense] = 0
+    ref = scipy.sparse.csr_matrix(rest)
+    np.testing.assert_array_equal(indptr, ref.indptr)
+    ours = scipy.sparse.csr_matrix((values, indices, indptr), shape=X.shape)
+    np.testing.assert_array_equal(ours.toarray(), rest)
+    assert (values != 0).all()
+    if tail_sorted:
+        np.testing.assert_array_equal(indices, ref.indices)
+        np.testing.assert_array_equal(values, ref.data)
+    assert values.dtype == X.dtype and indices.dtype == np.int32
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_csr_equals_numpy(dtype):
     """The columns in perm's order, the first n_dense dense, the rest a CSR whose
@@ -517,7 +539,6 @@ def test_split_csr_equals_numpy(dtype):
     indices come in X's column order, which is ascending where perm lists the CSR's
     columns in ascending order (as dense_columns does): then the arrays equal
     SciPy's; otherwise the matrix does."""
-    import scipy.sparse
     from fastmlp._numba_backend import split_csr
     rng = np.random.default_rng(17)
     for shape in [(1, 1), (7, 17), (100, 785), (33, 3)]:
@@ -528,27 +549,13 @@ def test_split_csr_equals_numpy(dtype):
             shuffled = rng.permutation(shape[1])
             tail_sorted = np.concatenate([shuffled[:n_dense], np.sort(shuffled[n_dense:])])
             for perm in (shuffled, tail_sorted):
-                Xd, indptr, indices, values = split_csr(X, perm, n_dense)
-                Xp = X[:, perm]
-                assert Xd.shape == (shape[0], n_dense) and Xd.flags.c_contiguous
-                np.testing.assert_array_equal(Xd, Xp[:, :n_dense])
-                rest = Xp.copy()
-                rest[:, :n_dense] = 0
-                ref = scipy.sparse.csr_matrix(rest)
-                np.testing.assert_array_equal(indptr, ref.indptr)
-                ours = scipy.sparse.csr_matrix((values, indices, indptr), shape=shape)
-                np.testing.assert_array_equal(ours.toarray(), rest)
-                assert (values != 0).all()
-                if perm is tail_sorted:
-                    np.testing.assert_array_equal(indices, ref.indices)
-                    np.testing.assert_array_equal(values, ref.data)
-                assert values.dtype == dtype and indices.dtype == np.int32
+                assert_split_equals_numpy(X, perm, n_dense, split_csr(X, perm, n_dense),
+                                          perm is tail_sorted)
 
 
 def test_split_csr_on_huge_pages_equals_numpy():
     """Arrays of at least HUGE_PAGE_BYTES come from _empty's own pages (asked for 2
     MB pages): writable, C-contiguous, and the same split as NumPy's twin gives."""
-    import scipy.sparse
     from fastmlp._numba_backend import HUGE_PAGE_BYTES, _empty, split_csr
 
     def own_pages(a):
@@ -564,18 +571,12 @@ def test_split_csr_on_huge_pages_equals_numpy():
     X = rng.normal(size=(3000, 785)).astype(np.float32)
     X[rng.random(X.shape) < 0.6] = 0
     perm = np.concatenate([np.arange(200, 500), np.arange(200), np.arange(500, 785)])
-    Xd, indptr, indices, values = split_csr(X, perm, 300)
+    split = split_csr(X, perm, 300)
+    Xd, _, indices, values = split
     for a in (Xd, indices, values):
         assert a.nbytes >= HUGE_PAGE_BYTES and own_pages(a)
         assert a.flags.writeable and a.flags.c_contiguous
-    Xp = X[:, perm]
-    np.testing.assert_array_equal(Xd, Xp[:, :300])
-    rest = Xp.copy()
-    rest[:, :300] = 0
-    ref = scipy.sparse.csr_matrix(rest)
-    np.testing.assert_array_equal(indptr, ref.indptr)
-    np.testing.assert_array_equal(indices, ref.indices)
-    np.testing.assert_array_equal(values, ref.data)
+    assert_split_equals_numpy(X, perm, 300, split, True)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
