@@ -15,8 +15,9 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from . import gemm
-from .simd import (combine_narrow_row, combine_whole_row_csc, compress_row, prefetch,
-                   prefetch_csr_part, sparse_combine_row, takes_narrow_row, takes_whole_row)
+from .simd import (BLOCK, combine_narrow_row, combine_whole_row_csc, compress_row, prefetch,
+                   prefetch_csr_part, put_block, sparse_combine_row, takes_narrow_row,
+                   takes_whole_row)
 from .vmath import exp, sigmoid, tanh
 
 LINEAR, SIGMOID, TANH, RELU, SOFTMAX = 0, 1, 2, 3, 4
@@ -543,17 +544,10 @@ def decoded(x, d):
 
 def put_dense(dense, i, w, x, d):
     """dense[i, w] = x, or where dense holds 8-bit levels (uint8), x's level: the
-    integer nearest x * d (row_levels says whether that is exact). Compiled code
-    only."""
+    integer c nearest x * d (0 where that is not in 0..255, or x is NaN or -0.0);
+    returns whether that is exact, c / d == x in x's float type (-0.0 is not: it
+    would come back as +0.0), always True for a float dense. Compiled code only."""
     raise NotImplementedError("put_dense is for compiled code")
-
-
-def row_levels(dense, X, i, d):
-    """Where dense is uint8: whether every value x of X's row i is an 8-bit level,
-    an integer c in 0..255 with c / d == x exactly in x's float type (-0.0 is not:
-    it would come back as +0.0). True at once where dense is a float array.
-    Compiled code only."""
-    raise NotImplementedError("row_levels is for compiled code")
 
 
 def csr_part(X, i, where, n_dense, indices, values, q0, q1):
@@ -621,56 +615,76 @@ def _put_dense(dense, i, w, x, d):
         level = _LEVEL[_float_of(x)]
 
         def put_level(dense, i, w, x, d):
-            dense[i, w] = np.uint8(level(x, d)[0])
+            c, exact = level(x, d)
+            dense[i, w] = np.uint8(c)
+            return exact
         return put_level
 
     def put_value(dense, i, w, x, d):
         dense[i, w] = x
+        return True
     return put_value
 
 
-@overload(row_levels)
-def _row_levels(dense, X, i, d):
-    if dense.dtype == types.uint8:
-        level = _LEVEL[_float_of(d)]
+@njit(error_model="numpy", inline="always")
+def runs_width(runs):
+    """How many columns the runs (see put_runs) put in the dense array."""
+    n = 0
+    for r in range(runs.shape[0]):
+        n += runs[r, 1]
+    return n
 
-        def check(dense, X, i, d):
-            # Branch-free, so that LLVM vectorises it (each value checked as it was
-            # stored cost MNIST's split 8 ms more).
-            ok = True
-            for j in range(X.shape[1]):
-                ok &= level(X[i, j], d)[1]
-            return ok
-        return check
-    return lambda dense, X, i, d: True
+
+@njit(error_model="numpy", inline="always")
+def put_runs(dense, X, i, runs, d):
+    """dense's row i from X's row i by runs, each (s, n, w): X[i, s:s+n] to dense[i,
+    w:w+n] (put_dense's levels or values), the runs' w ascending and one after
+    another; returns whether every value put is exact (put_dense). Whole blocks
+    (put_block) wherever both BLOCK-wide slices fit in their rows: a block's
+    columns past its run's end get whatever X holds there, and the next runs then
+    overwrite them (their exactness is not counted)."""
+    n_cols, n_dense = X.shape[1], dense.shape[1]
+    ok = True
+    for r in range(runs.shape[0]):
+        s, n, w = runs[r, 0], runs[r, 1], runs[r, 2]
+        q = 0
+        while q < n:
+            if s + q + BLOCK <= n_cols and w + q + BLOCK <= n_dense:
+                ok &= put_block(X, i, s + q, dense, w + q, d, n - q)
+                q += BLOCK
+            else:
+                ok &= put_dense(dense, i, w + q, X[i, s + q], d)
+                q += 1
+    return ok
 
 
 @njit(cache=True, error_model="numpy", parallel=PRANGE_ONLY)
-def csr_rows(X, where, cols, counts, indptr, indices, values, dense, d, fill):
+def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill):
     """One pass over X's rows, each thread owning its rows, with X's column c put at
-    position where[c] (a permutation of the columns, int32): the first n_dense =
-    len(cols) positions go to the dense array dense (n, n_dense), column cols[w]
-    of X to position w (cols is where's inverse there), the rest to a CSR whose
-    column indices are those positions. fill False: counts[i] = c, the number of
-    nonzeros of row i in the CSR's columns (NaN counts as one), or -1 - c where
-    the row holds a NaN or an infinity, which this pass over every value finds
-    for free (nothing else is touched). fill True:
-    dense's rows, and the CSR's indices and values at indptr's offsets, in X's
-    column order (ascending where where ascends over the CSR's columns). A uint8
-    dense gets each value's 8-bit level (row_levels, with d), and counts[i] = 1
-    where some value of row i is not one, else 0; a float dense, the values and
-    counts[i] = 0.
+    position where[c] (a permutation of the columns, int32): the first n_dense
+    positions go to the dense array dense (n, n_dense), by runs (s, n, w) of
+    adjacent columns (X's columns s..s+n-1 to positions w..w+n-1, the runs' n
+    summing to n_dense: see put_runs), the rest to a CSR whose column indices are
+    those positions. fill False: counts[i] = c, the number of nonzeros of row i in
+    the CSR's columns (NaN counts as one), or -1 - c where the row holds a NaN or
+    an infinity, which this pass over every value finds for free (nothing else is
+    touched). fill True: dense's rows, and the CSR's indices and values at
+    indptr's offsets, in X's column order (ascending where where ascends over the
+    CSR's columns). A uint8 dense gets each value's 8-bit level (put_dense, with
+    d), and counts[i] = 1 where some value of row i's dense columns is not one,
+    else 0; a float dense, the values and counts[i] = 0.
 
     Both passes read each row front to back, where, not its inverse (a gather of
     the row through the permutation cost MNIST's training set, 2 threads, 34 ms
-    counting and 55 filling, against 6 and 32 ms), except the dense columns'
-    gather through cols: with the CSR's entries packed 16 columns at a time
-    (csr_part, AVX-512), the fill took 12 ms against 19 for a loop over every
-    column deciding dense or CSR. Both passes are one function because each
-    parallel function costs a cold start about 0.5 s of numba's parallel passes,
-    whatever its body."""
+    counting and 55 filling, against 6 and 32 ms). The dense columns go by runs in
+    vector blocks (put_block: MNIST's 228 dense columns are 20 runs; the fill took
+    13 ms against 8 for a loop over the columns one by one, checking every value
+    of the row), and the CSR's entries are packed 16 columns at a time (csr_part,
+    AVX-512: 12 ms against 19 for a loop over every column deciding dense or CSR).
+    Both passes are one function because each parallel function costs a cold
+    start about 0.5 s of numba's parallel passes, whatever its body."""
     n_cols = X.shape[1]
-    n_dense = cols.shape[0]
+    n_dense = runs_width(runs)
     for i in prange(X.shape[0]):
         if not fill:
             # Branch-free, so that LLVM vectorises it. x - x is 0 for every
@@ -683,7 +697,8 @@ def csr_rows(X, where, cols, counts, indptr, indices, values, dense, d, fill):
                 non_finite += (x - x) != 0
             counts[i] = c if non_finite == 0 else -1 - c
             continue
-        counts[i] = 0 if row_levels(dense, X, i, d) else 1
-        for w in range(n_dense):
-            put_dense(dense, i, w, X[i, cols[w]], d)
+        # The CSR's pass first: it reads the whole row front to back, and the
+        # dense columns' runs then find it in L1 (the other way round, the fill
+        # took 13 ms against 10).
         csr_part(X, i, where, n_dense, indices, values, indptr[i], indptr[i + 1])
+        counts[i] = 0 if put_runs(dense, X, i, runs, d) else 1

@@ -472,6 +472,65 @@ def compress_row(typingctx, X, i, where, n_dense, indices, values, q0, q1):
     return types.none(X, i, where, n_dense, indices, values, q0, q1), codegen
 
 
+BLOCK = 16   # put_block's columns
+
+
+@intrinsic
+def put_block(typingctx, X, i, s, dense, w, d, n):
+    """dense[i, w:w+BLOCK] = X[i, s:s+BLOCK], as 8-bit levels where dense is uint8
+    (each value's integer c nearest x * d, 0 where that is not in 0..255 or x is NaN
+    or -0.0: put_dense's, vector by vector), else as they are (dense of X's type);
+    returns whether the first n of them (n may exceed BLOCK) are exact levels (c / d
+    == x in X's float type, which dense.row_levels decided for a whole row), always
+    True for a float dense. The caller keeps both slices inside their rows. The same
+    operations as the scalar code (multiply, then add, unfused), in vectors: a
+    sparse input's split spent 8 of its 13 ms filling MNIST's dense columns one by
+    one (2 threads)."""
+    _check_arrays("put_block", (("X", X, 2), ("dense", dense, 2)), ("X",))
+    levels = dense.dtype == types.uint8
+    if not levels and dense.dtype != X.dtype:
+        raise TypingError("put_block: dense must be uint8 or of X's dtype")
+    if levels and d != X.dtype:
+        raise TypingError("put_block: d must be of X's float type")
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        Xa, Da = (context.make_array(signature.args[n])(context, builder, args[n]) for n in (0, 3))
+        i_, s_, w_, n_ = (context.cast(builder, args[k], signature.args[k], types.intp)
+                          for k in (1, 2, 4, 6))
+        fty = context.get_value_type(X.dtype)
+        bits = X.dtype.bitwidth
+        vf = ir.VectorType(fty, BLOCK)
+        i32 = ir.IntType(32)
+        x_row = b.gep(Xa.data, [b.add(b.mul(i_, cgutils.unpack_tuple(b, Xa.shape)[1]), s_)])
+        x = b.load(b.bitcast(x_row, vf.as_pointer()), align=bits // 8)
+        d_row = b.gep(Da.data, [b.add(b.mul(i_, cgutils.unpack_tuple(b, Da.shape)[1]), w_)])
+        if not levels:
+            b.store(x, b.bitcast(d_row, vf.as_pointer()), align=bits // 8)
+            return ir.Constant(ir.IntType(1), 1)
+
+        def splat(c):
+            return ir.Constant(vf, [ir.Constant(fty, c)] * BLOCK)
+        dv = _splat16(b, args[5])
+        y = b.fadd(b.fmul(x, dv), splat(0.5))
+        vi = ir.VectorType(ir.IntType(bits), BLOCK)
+        positive = b.icmp_signed(">=", b.bitcast(x, vi), ir.Constant(vi, [0] * BLOCK))
+        ok = b.and_(b.and_(b.fcmp_ordered(">=", y, splat(0.0)),
+                           b.fcmp_ordered("<", y, splat(256.0))), positive)
+        c = b.fptosi(b.select(ok, y, splat(0.0)), ir.VectorType(i32, BLOCK))
+        exact = b.and_(ok, b.fcmp_ordered("==", b.fdiv(b.sitofp(c, vf), dv), x))
+        b.store(b.trunc(c, ir.VectorType(ir.IntType(8), BLOCK)),
+                b.bitcast(d_row, ir.VectorType(ir.IntType(8), BLOCK).as_pointer()), align=1)
+        n32 = b.trunc(b.select(b.icmp_signed("<", n_, ir.Constant(n_.type, BLOCK)), n_,
+                               ir.Constant(n_.type, BLOCK)), i32)
+        counted = b.icmp_signed("<", ir.Constant(ir.VectorType(i32, BLOCK), list(range(BLOCK))),
+                                _splat16(b, n32))
+        wrong = b.and_(counted, b.not_(exact))
+        return b.icmp_unsigned("==", b.bitcast(wrong, ir.IntType(BLOCK)),
+                               ir.Constant(ir.IntType(BLOCK), 0))
+    return types.boolean(X, i, s, dense, w, d, n), codegen
+
+
 @intrinsic
 def prefetch(typingctx, a, i):
     """Ask the cache for the line holding a[i] (a 1-D array) ahead of its use; no

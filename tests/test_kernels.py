@@ -548,9 +548,11 @@ def test_split_csr_equals_numpy(dtype):
         for n_dense in sorted({0, 1, shape[1] // 2, shape[1]}):
             shuffled = rng.permutation(shape[1])
             tail_sorted = np.concatenate([shuffled[:n_dense], np.sort(shuffled[n_dense:])])
-            for perm in (shuffled, tail_sorted):
+            # (as dense_columns orders them: the dense columns in runs of adjacent ones)
+            both_sorted = np.concatenate([np.sort(shuffled[:n_dense]), np.sort(shuffled[n_dense:])])
+            for perm in (shuffled, tail_sorted, both_sorted):
                 assert_split_equals_numpy(X, perm, n_dense, split_csr(X, perm, n_dense),
-                                          perm is tail_sorted)
+                                          perm is not shuffled)
 
 
 def test_split_csr_on_huge_pages_equals_numpy():
@@ -587,10 +589,12 @@ def test_split_csr_keeps_levels_exactly(dtype):
     instead."""
     from fastmlp._numba_backend import split_csr
     rng = np.random.default_rng(19)
-    for d in (255, 1):
+    for d, sort in ((255, False), (1, False), (255, True)):
         X = (rng.integers(0, 256, (50, 40)) * (rng.random((50, 40)) < 0.5)).astype(dtype)
         X /= dtype(d)
         perm = rng.permutation(40)
+        if sort:   # the dense columns in runs of adjacent ones, as dense_columns gives
+            perm = np.r_[np.sort(perm[:25]), np.sort(perm[25:])]
         plain = split_csr(X, perm, 25)
         Xd, *csr = split_csr(X, perm, 25, d)
         assert Xd.dtype == np.uint8 and Xd.flags.c_contiguous
@@ -605,6 +609,56 @@ def test_split_csr_keeps_levels_exactly(dtype):
             assert got[0].dtype == dtype, bad
             for a, b in zip(got, split_csr(Y, perm, 25)):
                 np.testing.assert_array_equal(a, b)
+            # Only the dense columns need be levels: the CSR keeps X's values.
+            if bad == bad:
+                Y = X.copy()
+                Y[rng.integers(50), perm[25 + rng.integers(15)]] = bad
+                Yd, *csr = split_csr(Y, perm, 25, d)
+                assert Yd.dtype == np.uint8, bad
+                np.testing.assert_array_equal(Yd, Xd)
+                for a, b in zip(csr, split_csr(Y, perm, 25)[1:]):
+                    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_put_runs_equals_numpy(dtype):
+    """put_runs (vector blocks where they fit, else put_dense one by one) against a
+    NumPy twin: every dense value (its 8-bit level, 0 where none; or the value) and
+    whether all of the row's are exact, over runs of every length, values that are
+    levels and values that are not (in the runs, and just past their ends, which a
+    block reads and must not count)."""
+    from fastmlp._numba_backend import column_runs
+    from fastmlp.kernels.dense import put_runs
+    rng = np.random.default_rng(31)
+    for d in (255, 1):
+        for trial in range(40):
+            m = int(rng.integers(1, 70))
+            n_dense = int(rng.integers(1, m + 1))
+            cols = rng.choice(m, n_dense, replace=False)
+            if trial % 2:
+                cols = np.sort(cols)
+            X = (rng.integers(0, 256, (3, m)) / d).astype(dtype)
+            for bad in (np.nan, -0.0, 0.5 / d, 300 / d, -1 / d):
+                if rng.random() < 0.3:
+                    X[rng.integers(3), rng.integers(m)] = bad
+            runs = column_runs(cols)
+            np.testing.assert_array_equal(np.concatenate([np.arange(s, s + n) for s, n, _ in runs]),
+                                          cols)
+            for kind in (np.uint8, dtype):
+                dense = np.full((3, n_dense), 7, dtype=kind)
+                for i in range(3):
+                    ok = put_runs(dense, X, i, runs, dtype(d))
+                    x = X[i, cols]
+                    if kind is np.uint8:
+                        y = x * dtype(d) + dtype(0.5)
+                        fits = (y >= 0) & (y < 256) & ~np.signbit(x)
+                        c = np.where(fits, np.nan_to_num(y), 0).astype(np.int32)
+                        np.testing.assert_array_equal(dense[i], c.astype(np.uint8))
+                        exact = fits & (c.astype(dtype) / dtype(d) == x)
+                        assert ok == bool(exact.all())
+                    else:
+                        assert ok
+                        assert dense[i].tobytes() == x.tobytes()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
