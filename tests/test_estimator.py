@@ -104,6 +104,33 @@ def test_epoch_shuffle_draws_as_scikit_learn():
         assert ours.randint(1 << 30) == theirs.randint(1 << 30)   # streams still in step
 
 
+def test_compiled_shuffle_is_randomstates():
+    """The compiled shuffle against RandomState.shuffle itself: the same order and the
+    same state after it (the next draws agree), for sizes around the powers of 2
+    (where the rejection mask halves) and the generator's 624-word refills, from
+    states part-way through a refill; another bit generator falls back to its own
+    shuffle."""
+    from fastmlp._sklearn import _shuffled
+    for n in [0, 1, 2, 3, 4, 5, 8, 9, 255, 256, 257, 623, 624, 625, 1249, 4097, 60000]:
+        for seed in range(3):
+            ours, theirs = np.random.RandomState(seed), np.random.RandomState(seed)
+            ours.random_sample(seed * 300)
+            theirs.random_sample(seed * 300)
+            x = np.arange(n, dtype=np.int64) * 3 + 1
+            want = x.copy()
+            theirs.shuffle(want)
+            got = _shuffled(x, ours)
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(x, np.arange(n) * 3 + 1)     # idx untouched
+            assert ours.get_state()[2] == theirs.get_state()[2]
+            np.testing.assert_array_equal(ours.random_sample(5), theirs.random_sample(5))
+    ours = np.random.RandomState(np.random.PCG64(5))
+    theirs = np.random.RandomState(np.random.PCG64(5))
+    want = np.arange(100)
+    theirs.shuffle(want)
+    np.testing.assert_array_equal(_shuffled(np.arange(100), ours), want)
+
+
 @pytest.mark.parametrize("params", [
     dict(solver="adam", max_iter=30, n_iter_no_change=3, tol=1e-2),     # stops on the loss
     dict(solver="sgd", learning_rate="adaptive", max_iter=25, n_iter_no_change=2, tol=0.05),
