@@ -129,6 +129,14 @@ def test_compiled_shuffle_is_randomstates():
     want = np.arange(100)
     theirs.shuffle(want)
     np.testing.assert_array_equal(_shuffled(np.arange(100), ours), want)
+    # NumPy's global RandomState (random_state=None) draws as its own shuffle does.
+    from sklearn.utils import check_random_state
+    shared = check_random_state(None)
+    state = shared.get_state()
+    want = np.arange(1000)
+    shared.shuffle(want)
+    shared.set_state(state)
+    np.testing.assert_array_equal(_shuffled(np.arange(1000), shared), want)
 
 
 @pytest.mark.parametrize("params", [
