@@ -156,7 +156,7 @@ def check_finite_input(X):
 # images scaled to [0, 1] by 255, and raw 0-255 intensities (none: never levels).
 LEVEL_DIVISORS = (255, 1)
 # levels_of looks at every LEVEL_SAMPLE_STEP-th row of the density sample (MNIST:
-# 512 rows, 0.3 ms; split_csr checks every value anyway).
+# 512 rows, 0.3 ms; split_csr checks every value of the dense columns anyway).
 LEVEL_SAMPLE_STEP = 8
 
 

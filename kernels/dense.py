@@ -678,9 +678,10 @@ def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill):
     the row through the permutation cost MNIST's training set, 2 threads, 34 ms
     counting and 55 filling, against 6 and 32 ms). The dense columns go by runs in
     vector blocks (put_block: MNIST's 228 dense columns are 20 runs; the fill took
-    13 ms against 8 for a loop over the columns one by one, checking every value
-    of the row), and the CSR's entries are packed 16 columns at a time (csr_part,
-    AVX-512: 12 ms against 19 for a loop over every column deciding dense or CSR).
+    8.6-9.2 ms against 13.2-14.5 for a loop over the columns one by one after a
+    check of every value of the row), and the CSR's entries are packed 16 columns
+    at a time (csr_part, AVX-512: 12 ms against 19 for a loop over every column
+    deciding dense or CSR).
     Both passes are one function because each parallel function costs a cold
     start about 0.5 s of numba's parallel passes, whatever its body."""
     n_cols = X.shape[1]
@@ -699,6 +700,6 @@ def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill):
             continue
         # The CSR's pass first: it reads the whole row front to back, and the
         # dense columns' runs then find it in L1 (the other way round, the fill
-        # took 13 ms against 10).
+        # took 11.2-13 ms against 8.6-9.2).
         csr_part(X, i, where, n_dense, indices, values, indptr[i], indptr[i + 1])
         counts[i] = 0 if put_runs(dense, X, i, runs, d) else 1

@@ -481,8 +481,8 @@ def put_block(typingctx, X, i, s, dense, w, d, n):
     (each value's integer c nearest x * d, 0 where that is not in 0..255 or x is NaN
     or -0.0: put_dense's, vector by vector), else as they are (dense of X's type);
     returns whether the first n of them (n may exceed BLOCK) are exact levels (c / d
-    == x in X's float type, which dense.row_levels decided for a whole row), always
-    True for a float dense. The caller keeps both slices inside their rows. The same
+    == x in X's float type, as put_dense decides for one value), always True for a
+    float dense. The caller keeps both slices inside their rows. The same
     operations as the scalar code (multiply, then add, unfused), in vectors: a
     sparse input's split spent 8 of its 13 ms filling MNIST's dense columns one by
     one (2 threads)."""
