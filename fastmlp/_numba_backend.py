@@ -367,12 +367,38 @@ class Engine:
             self._column_counts = counts[self.perm] if self.perm is not None else counts
         T = numba.get_num_threads()
         key = (T, tuple(m.layer_sizes), m.dtype, self.sparse, self.n_dense,
-               self.splits_features(T))
+               self.splits_features(T), self._uses_groups())
         if key != self._ws_key:
             self._allocate(T)
             self._ws_key = key
         else:
             self._cut_columns(T)
+            self._group_masks()
+
+    def _group_masks(self):
+        """groups for the kernels: which groups of the dense columns (each chunk's
+        own, where the first layer is split by them) each row has a nonzero in, for
+        the products that skip the others, and their workspaces (see _allocate);
+        None where they are not used."""
+        self.groups = None
+        if self._uses_groups():
+            starts = self._dense_runs()
+            masks = np.empty((self.X.shape[0], -(-dense.group_starts(starts)[-1] // 64)),
+                             dtype=np.uint64)
+            dense.group_masks(self.X, starts, masks)
+            self.groups = (masks,) + self._group_ws
+
+    def _uses_groups(self):
+        """Whether the dense columns' products skip each row's all-zero groups of
+        columns (fastmlp.kernels.gemm.group_rows; dense.uses_groups)."""
+        return self.n_dense > 0 and dense.uses_groups(self.model.weights[0])
+
+    def _dense_runs(self):
+        """Where each chunk's own run of the dense columns starts, and the last ends:
+        all of them one run unless the first layer is split by input columns."""
+        if self.cuts is not None:
+            return np.ascontiguousarray(self.cuts[:, 0])
+        return np.array([0, self.n_dense], dtype=np.int64)
 
     def splits_features(self, T):
         """Whether the first layer is split between T chunks by input columns (see
@@ -449,6 +475,17 @@ class Engine:
         # Each chunk's partial first-layer products (Ps[t]), where the layer is
         # split by columns.
         self.Ps = np.zeros((T, B, sizes[1]), dtype=dt) if split else None
+        # Each chunk's lists of its batch rows with a nonzero in each group of the
+        # dense columns (gemm.group_lists: room for 16 more, and the rows' masks).
+        self._group_ws = None
+        if self._uses_groups():
+            rows = (B if split else -(-B // T)) + 16
+            groups = np.diff(dense.group_starts(self._dense_runs()))
+            words = -(-int(groups.sum()) // 64)
+            self._group_ws = (np.zeros((T, int(groups.max()), rows), dtype=np.int32),
+                              np.zeros((T, int(groups.max())), dtype=np.int64),
+                              np.zeros((T, words, rows), dtype=np.uint64))
+        self._group_masks()
         self.called = np.zeros((4, T), dtype=np.bool_)   # each chunk's kernels
         self.ctl = np.zeros(sync.CTL_SIZE, dtype=np.int64)    # their barriers' counters
         # The batch's start and size (set each batch), and the chunks' gap.
@@ -546,7 +583,8 @@ class Engine:
         # with the same arrays as the run before (every epoch of a fit) takes the
         # same ones, without working out their types again (0.2 ms an epoch).
         key = (Ws, bs_, Ms, Vs, mbs, vbs, opt, plain, order.flags.writeable, self._ws_key,
-               self.X, self.levels, self.indptr, self.Y, self.cptr, self.Ps, self.cuts)
+               self.X, self.levels, self.indptr, self.Y, self.cptr, self.Ps, self.cuts,
+               self.groups)
         if self._kernels_for is not None and _same(self._kernels_for[0], key):
             fns, ofn, kernels = self._kernels_for[1:]
         else:
@@ -573,7 +611,7 @@ class Engine:
                 self.indptr, self.indices, self.values, self.Y, order, self.batch, self.A0,
                 self.Yb, self.As, self.Ds, self.dWs, self.dbs, self.touched, self.cptr,
                 self.crow, self.cval, self.tiny, self.top, self.loss_parts,
-                self.correct_parts, fns, self.Ps, self.cut_ptr, self.cuts)
+                self.correct_parts, fns, self.Ps, self.cut_ptr, self.cuts, self.groups)
 
     def _kernels(self, Ws, bs_, order, opt, plain, Ms, Vs, mbs, vbs):
         """(fns, ofn, kernels) for train_epoch: the per-chunk kernels' addresses,
@@ -582,7 +620,8 @@ class Engine:
         # The arguments of the two per-chunk kernels after the chunk number.
         fns = epoch.chunk_kernels(Ws, bs_, self.codes, self.sparse, self.indptr, self.indices,
                                   self.values, order, self.As, self.Ds, self.dWs, self.dbs,
-                                  self.touched, self.cptr, self.crow, self.cval)
+                                  self.touched, self.cptr, self.crow, self.cval, self.X,
+                                  self.groups)
         fb_args = self._fb_args(Ws, bs_, order, fns)
         # train_epoch builds update_share's arguments from fb_args and these, in this
         # order (each array passed once: unboxing each costs its compile time).

@@ -703,3 +703,58 @@ def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill):
         # took 11.2-13 ms against 8.6-9.2).
         csr_part(X, i, where, n_dense, indices, values, indptr[i], indptr[i + 1])
         counts[i] = 0 if put_runs(dense, X, i, runs, d) else 1
+
+
+# The zero-skipping products over a sparse input's dense columns (gemm.group_rows,
+# gemm.group_tn) take a layer from this many bytes of output row, where the tiles
+# would take it (FWD_MIN_BYTES and up, within small_enough).
+GROUP_MIN_BYTES = 256
+
+
+def uses_groups(W):
+    """Whether a first layer W's products over a sparse input's dense columns skip
+    their zero groups (gemm.GROUP): the tiles' CPUs, rows of GROUP_MIN_BYTES or
+    more."""
+    return TILES and W.shape[1] * W.itemsize >= GROUP_MIN_BYTES and (
+        W.itemsize == 4 or W.size < F64_MAX_WEIGHTS)
+
+
+def group_starts(starts):
+    """The number of each run's first group, for runs of a sparse input's dense
+    columns starting at starts (ascending, the last the end of the last run): a
+    run's groups are its columns GROUP at a time from its start (the last may be
+    fewer), numbered on from the run before's."""
+    G = gemm.GROUP
+    out = np.zeros(len(starts), dtype=np.int64)
+    for s in range(1, len(starts)):
+        out[s] = out[s - 1] + -(-(int(starts[s]) - int(starts[s - 1])) // G)
+    return out
+
+
+@njit(cache=True, error_model="numpy", parallel=PRANGE_ONLY)
+def group_masks(X, starts, masks):
+    """masks[i, j // 64] bit j % 64 = whether group j of row i of X holds a nonzero
+    (NaN included), for every row i, the groups of each run of columns starts[s] ..
+    starts[s + 1] - 1 numbered as group_starts numbers them (chunks that own runs of
+    the columns: each chunk's groups its own); the other bits 0. Rows in parallel,
+    each its own."""
+    G = gemm.GROUP
+    for i in prange(X.shape[0]):
+        x = X[i]
+        for w in range(masks.shape[1]):
+            masks[i, w] = np.uint64(0)
+        j = 0
+        for s in range(len(starts) - 1):
+            k0, k1 = starts[s], starts[s + 1]
+            full = k0 + (k1 - k0) // G * G
+            for k in range(k0, full, G):
+                # GROUP is 4: its columns unrolled.
+                nz = (x[k] != 0) | (x[k + 1] != 0) | (x[k + 2] != 0) | (x[k + 3] != 0)
+                masks[i, j // 64] |= np.uint64(nz) << np.uint64(j % 64)
+                j += 1
+            if full < k1:
+                nz = False
+                for k in range(full, k1):
+                    nz |= x[k] != 0
+                masks[i, j // 64] |= np.uint64(nz) << np.uint64(j % 64)
+                j += 1

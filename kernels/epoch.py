@@ -71,6 +71,13 @@ scikit-learn-default network 0.87 and 0.94 (Adam), 0.87 and 0.82 (SGD); 30%
 against 40%, 50% and 20% as the threshold: 2-7% faster for seed000 and the
 estimator's network, no different for seed002.
 
+Where the tiles would take them (dense.uses_groups), those dense products skip
+zeros a group of four adjacent columns at a time (gemm.group_rows and
+gemm.group_tn: MNIST's groups are all zero in a quarter of the rows): each
+chunk lists, once a batch, its rows with a nonzero in each group (from masks the
+Engine computes once a fit, dense.group_masks), and both products run over each
+group's listed rows only. The same sums in the same order: the same bits.
+
 The per-chunk kernels run with subnormal floats flushed to zero (kernels/fpenv.py):
 decaying optimiser moments otherwise reach the slow subnormal path.
 """
@@ -78,7 +85,7 @@ import numpy as np
 from numba import njit, prange
 
 from .fpenv import flush_subnormals, restore_fp_state
-from . import native
+from . import gemm, native
 from .native import call_at, call_packed, pack_call
 from .sync import ALL, ALONE, STOP, barrier, check_in
 from .simd import (combine_whole_row, prefetch_range, sparse_combine_row, sparse_scatter_row,
@@ -195,7 +202,7 @@ def weight_grad_csc(k0, k1, r0, r1, D, dW, db, touched, cptr, crow, cval):
 # in, their code was compiled again inside chunk_forward_backward, whose module
 # then held 19,000 LLVM instructions.
 (CSR_MATMUL, MATMUL, BIAS_ACTIVATE, BACKPROP, WEIGHT_GRAD, SPARSE_GRAD, DERIVATIVE_SUMS,
- CSR_MATMUL_CSC) = range(8)
+ CSR_MATMUL_CSC, GROUP_LISTS, GROUP_MATMUL, GROUP_GRAD) = range(11)
 
 
 @njit(error_model="numpy", inline="always")
@@ -208,7 +215,7 @@ def _own(a, g):
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices, values, Y,
                            order, batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval,
-                           tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts):
+                           tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts, groups):
     """Forward and backward for chunk t of the batch of rows order[start:start+nb],
     (start, nb) = batch: its rows r0..r1-1, one of loss_parts.shape[0] equal
     shares. Writes the chunk's summed loss and number correct into loss_parts[t]
@@ -288,7 +295,16 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
             # The dense columns' product first, then the CSR's nonzeros added to it
             # (a product of their own, then added, cost a 100-unit first layer
             # B x 100 numbers more to write and read: see the README, Speed).
-            if n_dense > 0:
+            if n_dense > 0 and groups is not None:
+                # The dense columns' product skipping each row's all-zero groups
+                # of columns (gemm.group_rows; the same bits), listed here for the
+                # weight gradient too.
+                masks, lists, counts, local = groups
+                ok &= call_at(fns[GROUP_LISTS], (masks, rows, r0, r1, lists[t], counts[t],
+                                                 local[t], zero))
+                ok &= call_at(fns[GROUP_MATMUL], (A0, Ws[0][:n_dense], S0, r0, r1, lists[t],
+                                                  counts[t]))
+            elif n_dense > 0:
                 ok &= call_at(fns[MATMUL], (A0, Ws[0][:n_dense], S0, r0, r1))
             if cptr is None:
                 ok &= call_at(fns[CSR_MATMUL], (indptr, one, zero, indices, values, rows,
@@ -355,7 +371,14 @@ def chunk_forward_backward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, ind
                                              touched[t], cptr[t], crow[t], cval[t]))
         if n_dense > 0:
             # The CSR has no nonzeros in these rows of dW (nor touched them).
-            ok &= call_at(fns[WEIGHT_GRAD], (A0, D0, dWs[0][t][:n_dense], db0, r0, r1))
+            if groups is not None:
+                # From the rows the forward listed (gemm.group_tn; the same bits as
+                # WEIGHT_GRAD's, and its bias gradient's).
+                ok &= call_at(fns[GROUP_GRAD], (A0, D0, dWs[0][t][:n_dense], groups[1][t],
+                                                groups[2][t]))
+                column_sums_rows(D0, db0, r0, r1)
+            else:
+                ok &= call_at(fns[WEIGHT_GRAD], (A0, D0, dWs[0][t][:n_dense], db0, r0, r1))
             for k in range(n_dense):
                 touched[t, k] = True
     else:
@@ -391,6 +414,17 @@ def _gather_rows(X, rows, r0, r1, d0, d1, A, levels):
 
 
 @njit(error_model="numpy", inline="always")
+def _own_groups(cuts, t):
+    """(number of its first group, groups) of chunk t's own dense columns: each
+    chunk's run of them numbered on from the chunk before's (dense.group_starts)."""
+    G = gemm.GROUP
+    g0 = 0
+    for c in range(t):
+        g0 += (cuts[c + 1, 0] - cuts[c, 0] + G - 1) // G
+    return np.int64(g0), (cuts[t + 1, 0] - cuts[t, 0] + G - 1) // G
+
+
+@njit(error_model="numpy", inline="always")
 def _dense_part(A0, t, d0, d1, B):
     """Chunk t's gathered dense columns d0..d1-1 (of a split first layer): a (B, d1 -
     d0) C-contiguous view of its row of A0."""
@@ -401,7 +435,7 @@ def _dense_part(A0, t, d0, d1, B):
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices, values, Y,
                           order, batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval,
-                          tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts):
+                          tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts, groups):
     """With the first layer split by input columns (a sparse input on two or more
     chunks): chunk t's partial product of the whole batch, over its own columns
     (W_1's rows) only, Ps[t] = X[:, own] W_1[own]. Chunk t owns the dense
@@ -424,7 +458,17 @@ def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indi
     if d1 > d0:
         A = _dense_part(A0, t, d0, d1, B)
         _gather_rows(X, rows, zero, nb, d0, d1, A, levels)
-        ok &= call_at(fns[MATMUL], (A, Ws[0][d0:d1], P, zero, nb))
+        if groups is not None:
+            # Skipping the rows' all-zero groups of the chunk's own dense columns
+            # (see chunk_forward_backward), listed for chunk_layer1_grad too.
+            masks, lists, counts, local = groups
+            g0, ng = _own_groups(cuts, t)
+            ok &= call_at(fns[GROUP_LISTS], (masks, rows, zero, nb, lists[t], counts[t][:ng],
+                                             local[t], g0))
+            ok &= call_at(fns[GROUP_MATMUL], (A, Ws[0][d0:d1], P, zero, nb, lists[t],
+                                              counts[t][:ng]))
+        else:
+            ok &= call_at(fns[MATMUL], (A, Ws[0][d0:d1], P, zero, nb))
     # The CSR's nonzeros added to the dense columns' product, as in
     # chunk_forward_backward.
     if cptr is None:
@@ -444,7 +488,7 @@ def chunk_partial_forward(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indi
 @njit(cache=True, error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def chunk_layer1_grad(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices, values, Y,
                       order, batch, A0, Yb, As, Ds, dWs, dbs, touched, cptr, crow, cval,
-                      tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts):
+                      tiny, top, loss_parts, correct_parts, fns, Ps, cut_ptr, cuts, groups):
     """With the first layer split by input columns (see chunk_partial_forward): the
     whole batch's weight gradient of chunk t's own rows of W_1, into those rows of
     dWs[0][0] (each chunk writes its own), and touched[0] for its CSR rows."""
@@ -469,7 +513,12 @@ def chunk_layer1_grad(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices,
                                         cptr[t], crow[t], cval[t]))
     if d1 > d0:
         A = _dense_part(A0, t, d0, d1, B)
-        ok &= call_at(fns[WEIGHT_GRAD], (A, Ds[0], dW[d0:d1], no_sums, zero, nb))
+        if groups is not None:
+            ng = _own_groups(cuts, t)[1]
+            ok &= call_at(fns[GROUP_GRAD], (A, Ds[0], dW[d0:d1], groups[1][t],
+                                            groups[2][t][:ng]))
+        else:
+            ok &= call_at(fns[WEIGHT_GRAD], (A, Ds[0], dW[d0:d1], no_sums, zero, nb))
         for k in range(d0, d1):
             touched[0, k] = True
     if not ok:
@@ -478,7 +527,7 @@ def chunk_layer1_grad(t, Ws, bs, acts, loss, X, levels, sparse, indptr, indices,
 
 
 def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, dWs, dbs,
-                  touched, cptr, crow, cval):
+                  touched, cptr, crow, cval, X=None, groups=None):
     """fns for chunk_forward_backward (called from Python with the same arrays): each
     row the (address, signature key) of its kernel, compiled (or loaded from
     numba's cache) for the argument types chunk_forward_backward passes it; the
@@ -487,7 +536,7 @@ def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, 
     otherwise). A dense input's gathered batch A0 has the type of As[0], so MATMUL
     and WEIGHT_GRAD serve it too."""
     i, act = np.int64(0), np.int64(acts[0])
-    fns = np.zeros((8, 2), dtype=np.int64)
+    fns = np.zeros((11, 2), dtype=np.int64)
     fns[:, 1] = -1
 
     def put(row, kernel, *args):
@@ -511,6 +560,17 @@ def chunk_kernels(Ws, bs, acts, sparse, indptr, indices, values, order, As, Ds, 
                 As[0], i, i, False, i, i, cptr[0], crow[0], cval[0])
             put(SPARSE_GRAD, weight_grad_csc, i, i, i, i, Ds[0], dWs[0][0], dbs[0][0], touched[0],
                 cptr[0], crow[0], cval[0])
+    if groups is not None:
+        # The dense columns' zero-skipping products (chunk_forward_backward's
+        # types: X's floats as gathered into As[0]'s dtype, a batch's rows).
+        masks, lists, counts, local = groups
+        n_dense = np.int64(X.shape[1])
+        A0 = np.zeros((1, X.shape[1]), dtype=As[0].dtype)
+        put(GROUP_LISTS, gemm.group_lists, masks, order[0:], i, i, lists[0], counts[0], local[0],
+            i)
+        put(GROUP_MATMUL, gemm.group_rows, A0, Ws[0][:n_dense], As[0], i, i, lists[0],
+            counts[0])
+        put(GROUP_GRAD, gemm.group_tn, A0, Ds[0], dWs[0][0][:n_dense], lists[0], counts[0])
     return fns
 
 

@@ -35,6 +35,7 @@ from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, config
+from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
 from . import simd
@@ -356,3 +357,327 @@ def gemm_nt(D, W, out, r0, r1):
     for k in range(k_full, n_in):
         for i0 in range(r0, r1, DOT_ROWS):
             dot_tile1(out, D, W, min(DOT_ROWS, r1 - i0), i0, k, J)
+
+
+# Zero-skipping products over a sparse input's dense columns. Those columns are
+# nonzero in 30% of rows or more (MNIST's middle pixels, 52% on average), so a
+# dense product spends about half its multiply-adds on zeros; but skipping a
+# single zero costs a load of its own (README, Speed). Four adjacent columns (a
+# group: a run of neighbouring pixels, zero together far more often than alone)
+# are all zero in a quarter of MNIST's rows. The products below take the
+# columns a group at a time and skip the rows where the whole group is zero,
+# listed once per chunk and batch (group_lists): a skipped row's terms are
+# x * w with x = 0, which add nothing (for finite weights), so every output is
+# the same sum in the same order as gemm_rows' and gemm_tn's, the same bits.
+GROUP = 4
+
+
+def _group_acc_intrinsic(nv, last_bytes=VECTOR_BYTES):
+    @intrinsic
+    def group_acc(typingctx, C, A, B, lst, q0, q1, c0, g, j0, jl):
+        """For each listed row r = lst[q], q in q0..q1-1: C[r, cols] += A[r, c0+i] *
+        B[c0+i, cols] for i = 0..g-1 in order, one fused multiply-add each (g in
+        1..GROUP), with cols nv vectors from j0, the last starting at jl and
+        last_bytes wide. B's g rows stay in registers across the list; each row of
+        C is loaded whole before any of it is stored, so a last vector that
+        overlaps the one before writes the same bits twice."""
+        _check("group_acc", C, A, B)
+        if not (isinstance(lst, types.Array) and lst.ndim == 1 and lst.dtype == types.int32
+                and lst.layout == "C"):
+            raise TypingError("group_acc: lst must be a C-contiguous 1-D int32 array")
+        sig = types.none(C, A, B, lst, q0, q1, c0, g, j0, jl)
+
+        def codegen(context, builder, signature, args):
+            c_, a_, b_ = (context.make_array(signature.args[n])(context, builder, args[n])
+                          for n in range(3))
+            l_ = context.make_array(signature.args[3])(context, builder, args[3])
+            q0_, q1_, c0_, g_, j0_, jl_ = (
+                context.cast(builder, args[n], signature.args[n], types.intp)
+                for n in range(4, 10))
+            dtype = signature.args[0].dtype
+            vec = _Vectors(context, builder, dtype)
+            vecs = [vec] * (nv - 1) + [_Vectors(context, builder, dtype, last_bytes)]
+            ldc = _row_stride(builder, vec, c_)
+            lda = _row_stride(builder, vec, a_)
+            ldb = _row_stride(builder, vec, b_)
+            b = builder
+            cols = [b.add(j0_, vec.c(v * vec.lanes)) for v in range(nv - 1)] + [jl_]
+            i32 = ir.IntType(32)
+
+            def lanes(x, w):
+                if w.lanes == vec.lanes:
+                    return x
+                return b.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, w.lanes),
+                                                          list(range(w.lanes))))
+            # B's rows c0..c0+g-1 (rows past g read row g-1 again, unused).
+            brow = [b.mul(b.add(c0_, _clamped_row(b, vec, i, g_)), ldb) for i in range(GROUP)]
+            bv = [[w.load(b_.data, b.add(brow[i], cols[v])) for v, w in enumerate(vecs)]
+                  for i in range(GROUP)]
+            with cgutils.for_range_slice(b, q0_, q1_, vec.c(1)) as (q, _):
+                r = b.sext(b.load(b.gep(l_.data, [q])), vec.intp)
+                crow = b.mul(r, ldc)
+                arow = b.add(b.mul(r, lda), c0_)
+                accs = [cgutils.alloca_once_value(b, w.load(c_.data, b.add(crow, cols[v])))
+                        for v, w in enumerate(vecs)]
+                for i in range(GROUP):
+                    with _if_row(b, vec, i, g_):
+                        x = vec.splat(b.load(b.gep(a_.data, [b.add(arow, vec.c(i))])))
+                        for v, w in enumerate(vecs):
+                            b.store(b.call(w.fma, [lanes(x, w), bv[i][v], b.load(accs[v])]),
+                                    accs[v])
+                for v, w in enumerate(vecs):
+                    w.store(b.load(accs[v]), c_.data, b.add(crow, cols[v]))
+            return context.get_dummy_value()
+        return sig, codegen
+    return group_acc
+
+
+def _group_tile_intrinsic(nv, last_bytes=VECTOR_BYTES):
+    @intrinsic
+    def group_tile(typingctx, C, A, B, lst, q0, q1, c0, g, j0, jl):
+        """C[c0+i, cols] = sum over the listed rows r = lst[q], q in q0..q1-1 (in
+        that order), of A[r, c0+i] * B[r, cols], for i < g (1..GROUP): gemm_tile's
+        sums of A^T B over the listed rows only, cols as in group_acc."""
+        _check("group_tile", C, A, B)
+        if not (isinstance(lst, types.Array) and lst.ndim == 1 and lst.dtype == types.int32
+                and lst.layout == "C"):
+            raise TypingError("group_tile: lst must be a C-contiguous 1-D int32 array")
+        sig = types.none(C, A, B, lst, q0, q1, c0, g, j0, jl)
+
+        def codegen(context, builder, signature, args):
+            c_, a_, b_ = (context.make_array(signature.args[n])(context, builder, args[n])
+                          for n in range(3))
+            l_ = context.make_array(signature.args[3])(context, builder, args[3])
+            q0_, q1_, c0_, g_, j0_, jl_ = (
+                context.cast(builder, args[n], signature.args[n], types.intp)
+                for n in range(4, 10))
+            dtype = signature.args[0].dtype
+            vec = _Vectors(context, builder, dtype)
+            vecs = [vec] * (nv - 1) + [_Vectors(context, builder, dtype, last_bytes)]
+            ldc = _row_stride(builder, vec, c_)
+            lda = _row_stride(builder, vec, a_)
+            ldb = _row_stride(builder, vec, b_)
+            b = builder
+            cols = [b.add(j0_, vec.c(v * vec.lanes)) for v in range(nv - 1)] + [jl_]
+            i32 = ir.IntType(32)
+
+            def lanes(x, w):
+                if w.lanes == vec.lanes:
+                    return x
+                return b.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, w.lanes),
+                                                          list(range(w.lanes))))
+            accs = [[cgutils.alloca_once_value(b, w.zero) for w in vecs] for _ in range(GROUP)]
+            # Columns past g read column g-1 again; their sums are not stored.
+            acol = [b.add(c0_, _clamped_row(b, vec, i, g_)) for i in range(GROUP)]
+            with cgutils.for_range_slice(b, q0_, q1_, vec.c(1)) as (q, _):
+                r = b.sext(b.load(b.gep(l_.data, [q])), vec.intp)
+                brow = b.mul(r, ldb)
+                arow = b.mul(r, lda)
+                bv = [w.load(b_.data, b.add(brow, cols[v])) for v, w in enumerate(vecs)]
+                for i in range(GROUP):
+                    x = vec.splat(b.load(b.gep(a_.data, [b.add(arow, acol[i])])))
+                    for v, w in enumerate(vecs):
+                        b.store(b.call(w.fma, [lanes(x, w), bv[v], b.load(accs[i][v])]),
+                                accs[i][v])
+            for i in range(GROUP):
+                with _if_row(b, vec, i, g_):
+                    crow = b.mul(b.add(c0_, vec.c(i)), ldc)
+                    for v, w in enumerate(vecs):
+                        w.store(b.load(accs[i][v]), c_.data, b.add(crow, cols[v]))
+            return context.get_dummy_value()
+        return sig, codegen
+    return group_tile
+
+
+# A row's columns in panels of whole vectors, each a pass over a group's listed
+# rows: WIDE_VECTORS vectors at a time, then the rest (1..WIDE_VECTORS vectors,
+# at least one whole one: a panel of WIDE_VECTORS - 1 comes first where the rest
+# would be less), its last vector ending on the last column, a quarter-width one
+# where NARROW_TAILS and the rest is that much past whole vectors, else a full
+# one overlapping the one before (inside the panel: group_acc adds into C, and
+# columns another panel already took would be added twice).
+_QUARTER = VECTOR_BYTES // 4
+group_acc1, group_acc2, group_acc3, group_acc4 = (
+    _group_acc_intrinsic(nv) for nv in (1, 2, 3, 4))
+group_tile1, group_tile2, group_tile3, group_tile4 = (
+    _group_tile_intrinsic(nv) for nv in (1, 2, 3, 4))
+if NARROW_TAILS:
+    group_acc2q, group_acc3q, group_acc4q = (
+        _group_acc_intrinsic(nv, _QUARTER) for nv in (2, 3, 4))
+    group_tile2q, group_tile3q, group_tile4q = (
+        _group_tile_intrinsic(nv, _QUARTER) for nv in (2, 3, 4))
+else:
+    group_acc2q, group_acc3q, group_acc4q = group_acc2, group_acc3, group_acc4
+    group_tile2q, group_tile3q, group_tile4q = group_tile2, group_tile3, group_tile4
+
+
+@njit(error_model="numpy", inline="always")
+def _panel(N, L, j0):
+    """The column panel of an N-wide row (N >= L, the lanes of a vector) that starts
+    at j0: (vectors, the last vector's start, whether it is quarter-width, whether
+    this is the last panel)."""
+    left = N - j0
+    if left > WIDE_VECTORS * L:
+        nv = WIDE_VECTORS if left - WIDE_VECTORS * L >= L else WIDE_VECTORS - 1
+        return nv, j0 + (nv - 1) * L, False, False
+    quarter = NARROW_TAILS and left > L and 0 < left % L <= L // 4
+    return (left + L - 1) // L, N - L // 4 if quarter else N - L, quarter, True
+
+
+@njit(error_model="numpy", inline="always")
+def _group_acc(nv, quarter, C, A, B, lst, n, c0, g, j0, jl):
+    zero = np.int64(0)
+    if quarter:
+        if nv == 2:
+            group_acc2q(C, A, B, lst, zero, n, c0, g, j0, jl)
+        elif nv == 3:
+            group_acc3q(C, A, B, lst, zero, n, c0, g, j0, jl)
+        else:
+            group_acc4q(C, A, B, lst, zero, n, c0, g, j0, jl)
+    elif nv == 1:
+        group_acc1(C, A, B, lst, zero, n, c0, g, j0, jl)
+    elif nv == 2:
+        group_acc2(C, A, B, lst, zero, n, c0, g, j0, jl)
+    elif nv == 3:
+        group_acc3(C, A, B, lst, zero, n, c0, g, j0, jl)
+    else:
+        group_acc4(C, A, B, lst, zero, n, c0, g, j0, jl)
+
+
+@njit(error_model="numpy", inline="always")
+def _group_tile(nv, quarter, C, A, B, lst, n, c0, g, j0, jl):
+    zero = np.int64(0)
+    if quarter:
+        if nv == 2:
+            group_tile2q(C, A, B, lst, zero, n, c0, g, j0, jl)
+        elif nv == 3:
+            group_tile3q(C, A, B, lst, zero, n, c0, g, j0, jl)
+        else:
+            group_tile4q(C, A, B, lst, zero, n, c0, g, j0, jl)
+    elif nv == 1:
+        group_tile1(C, A, B, lst, zero, n, c0, g, j0, jl)
+    elif nv == 2:
+        group_tile2(C, A, B, lst, zero, n, c0, g, j0, jl)
+    elif nv == 3:
+        group_tile3(C, A, B, lst, zero, n, c0, g, j0, jl)
+    else:
+        group_tile4(C, A, B, lst, zero, n, c0, g, j0, jl)
+
+
+@njit(cache=True, error_model="numpy")
+def group_rows(X, W, out, r0, r1, lists, counts):
+    """out[r] = X[r] W for rows r0..r1-1 (W at least one vector wide), the same
+    bits as gemm_rows, where lists[j, :counts[j]] are the rows r0..r1-1 in
+    ascending order in which group j of X's columns (GROUP * j ..) has a nonzero
+    (group_lists): the other rows' terms of that group are zeros and are skipped."""
+    K, N = W.shape
+    zero = out.dtype.type(0)
+    for r in range(r0, r1):
+        for j in range(N):
+            out[r, j] = zero
+    L = lanes_of(W)
+    j0 = 0
+    last = False
+    while not last:
+        nv, jl, quarter, last = _panel(N, L, j0)
+        for j in range((K + GROUP - 1) // GROUP):
+            c0 = j * GROUP
+            _group_acc(nv, quarter, out, X, W, lists[j], counts[j], c0, min(GROUP, K - c0),
+                       j0, jl)
+        j0 += nv * L
+
+
+@njit(cache=True, error_model="numpy")
+def group_tn(X, D, dW, lists, counts):
+    """dW = X[rows]^T D[rows] over the rows r0..r1-1 that lists and counts name (see
+    group_rows; D at least one vector wide): the same bits as gemm_tn(X, D, dW, r0,
+    r1), each group's rows of dW summing only the rows where the group has a
+    nonzero."""
+    K, N = dW.shape
+    L = lanes_of(D)
+    for j in range((K + GROUP - 1) // GROUP):
+        c0 = j * GROUP
+        j0 = 0
+        last = False
+        while not last:
+            nv, jl, quarter, last = _panel(N, L, j0)
+            _group_tile(nv, quarter, dW, X, D, lists[j], counts[j], c0, min(GROUP, K - c0),
+                        j0, jl)
+            j0 += nv * L
+
+
+@intrinsic
+def _listed_rows(typingctx, m, n, shift, base, lst):
+    """lst[:k] = base + i for the i < n (ascending) where bit `shift` of m[i] is set;
+    returns k. Sixteen at a time, packed by AVX-512's compress into a register and
+    stored whole: m must hold n rounded up to 16 numbers, lst room for as many."""
+    for name, a, dt in (("m", m, types.uint64), ("lst", lst, types.int32)):
+        if not (isinstance(a, types.Array) and a.ndim == 1 and a.dtype == dt
+                and a.layout == "C"):
+            raise TypingError(f"_listed_rows: {name} must be a C-contiguous 1-D {dt} array")
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        m_ = context.make_array(signature.args[0])(context, builder, args[0])
+        l_ = context.make_array(signature.args[4])(context, builder, args[4])
+        intp = context.get_value_type(types.intp)
+        n_, s_, base_ = (context.cast(builder, args[k], signature.args[k], types.intp)
+                         for k in (1, 2, 3))
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        v8l, v16i, v16b = ir.VectorType(i64, 8), ir.VectorType(i32, 16), ir.VectorType(
+            ir.IntType(1), 16)
+        compress = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(v16i, [v16i, v16i, v16b]),
+            "llvm.x86.avx512.mask.compress.v16i32")
+        ctpop = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(ir.IntType(16), [ir.IntType(16)]), "llvm.ctpop.i16")
+        bit = b.shl(ir.Constant(i64, 1), b.trunc(s_, i64) if intp.width > 64 else s_)
+        bits = simd._splat16(b, bit)
+        bits8 = b.shuffle_vector(bits, bits, ir.Constant(ir.VectorType(i32, 8), list(range(8))))
+        zero8 = ir.Constant(v8l, [ir.Constant(i64, 0)] * 8)
+        lanes = ir.Constant(v16i, list(range(16)))
+        k = cgutils.alloca_once_value(b, ir.Constant(intp, 0))
+        with cgutils.for_range_slice(b, ir.Constant(intp, 0), n_, ir.Constant(intp, 16)) as (i, _):
+            halves = []
+            for h in range(2):
+                p = b.bitcast(b.gep(m_.data, [b.add(i, ir.Constant(intp, 8 * h))]),
+                              v8l.as_pointer())
+                halves.append(b.icmp_unsigned("!=", b.and_(b.load(p, align=8), bits8), zero8))
+            keep = b.shuffle_vector(halves[0], halves[1],
+                                    ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+            inside = b.icmp_signed("<", lanes, simd._splat16(b, b.trunc(b.sub(n_, i), i32)))
+            keep = b.and_(keep, inside)
+            rows = b.add(lanes, simd._splat16(b, b.trunc(b.add(base_, i), i32)))
+            packed = b.call(compress, [rows, ir.Constant(v16i, [ir.Constant(i32, 0)] * 16), keep])
+            kk = b.load(k)
+            b.store(packed, b.bitcast(b.gep(l_.data, [kk]), v16i.as_pointer()), align=4)
+            b.store(b.add(kk, b.zext(b.call(ctpop, [b.bitcast(keep, ir.IntType(16))]), intp)), k)
+        return b.load(k)
+    return types.intp(m, n, shift, base, lst), codegen
+
+
+@njit(cache=True, error_model="numpy")
+def group_lists(masks, rows, r0, r1, lists, counts, local, g0):
+    """For batch rows r0..r1-1 (input row rows[r]): lists[j, :counts[j]] = the
+    batch rows, ascending, whose input row has a nonzero in group g0 + j (masks:
+    fastmlp.kernels.dense.group_masks), for j < len(counts). local (a row's mask
+    words, at least r1 - r0 rounded up to 16 of each) is a workspace, and each list
+    has room for as many rows. With AVX-512, 16 rows at a time (_listed_rows);
+    elsewhere a store for every row, counted only where it lists one (no branch on
+    the data)."""
+    n = r1 - r0
+    for w in range(masks.shape[1]):
+        for r in range(r0, r1):
+            local[w, r - r0] = masks[rows[r], w]
+    for j in range(counts.shape[0]):
+        w = (g0 + j) // 64
+        s = np.uint64((g0 + j) % 64)
+        if HAS_AVX512:
+            counts[j] = _listed_rows(local[w], n, s, r0, lists[j])
+        else:
+            k = 0
+            lst = lists[j]
+            for i in range(n):
+                lst[k] = r0 + i
+                k += np.int64((local[w, i] >> s) & np.uint64(1))
+            counts[j] = k

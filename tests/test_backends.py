@@ -119,6 +119,13 @@ def _epoch_against_reference(sizes, acts, loss, threads, chunks=None, n=230, bs=
     assert engine.n_dense == (200 if split else 0)
     if split:
         np.testing.assert_array_equal(np.sort(engine.perm[:200]), np.arange(300, 500))
+    # The dense columns' products skip all-zero groups of columns where the tiles
+    # take them (float64: 32 units and more, W_1 under F64_MAX_WEIGHTS numbers):
+    # seed 000's network, compared with the reference below.
+    from fastmlp.kernels import dense
+    assert (engine.groups is not None) == (split and dense.uses_groups(got_model.weights[0]))
+    if split and dense.TILES and sizes[1] == 64:
+        assert engine.groups is not None
     assert done == -(-n // bs)
     assert bad == -1
     # With the batch split by rows, each chunk's rows of the batch-row workspaces

@@ -129,3 +129,113 @@ def test_layer_products_equal_numpy(dtype, n_in, n_out, view):
     assert_product_close(back[r0:r1], D[r0:r1], W.T, dtype)
     assert_product_close(dW, X[r0:r1].T, D[r0:r1], dtype)
     assert not fwd[:r0].any() and not fwd[r1:].any() and not back[r1:].any()
+
+
+def group_masks_twin(X, starts):
+    """NumPy twin of dense.group_masks: each run's columns GROUP at a time."""
+    bits = []
+    for k0, k1 in zip(starts[:-1], starts[1:]):
+        for c in range(k0, k1, gemm.GROUP):
+            bits.append((X[:, c:min(k1, c + gemm.GROUP)] != 0).any(axis=1))
+    masks = np.zeros((X.shape[0], max(1, -(-len(bits) // 64))), dtype=np.uint64)
+    for j, b in enumerate(bits):
+        masks[b, j // 64] |= np.uint64(1) << np.uint64(j % 64)
+    return masks, len(bits)
+
+
+@pytest.mark.parametrize("kind", [np.uint8, np.float32, np.float64])
+def test_group_masks_equal_numpy(kind):
+    """Each row's bit per group of columns, groups counted within each run (a
+    chunk's own columns), numbered on across runs and words; NaN counts as
+    nonzero."""
+    rng = np.random.default_rng(11)
+    for K, starts in [(1, [0, 1]), (4, [0, 4]), (7, [0, 7]), (230, [0, 230]),
+                      (230, [0, 115, 230]), (300, [0, 66, 66, 133, 300]), (9, [0, 2, 9])]:
+        X = (rng.random((50, K)) * 255).astype(kind)
+        X[rng.random(X.shape) < 0.6] = 0
+        X[:5] = 0                                   # rows with no nonzero at all
+        if kind != np.uint8:
+            X[7, K - 1] = np.nan
+            X[8, :] = 0
+            X[8, K // 2] = -0.0 if K > 1 else 0     # -0.0 is zero
+        starts = np.array(starts, dtype=np.int64)
+        want, n_groups = group_masks_twin(X, starts)
+        assert dense.group_starts(starts)[-1] == n_groups
+        got = np.full_like(want, 12345)
+        dense.group_masks(X, starts, got)
+        np.testing.assert_array_equal(got, want, err_msg=str((K, list(starts))))
+        if kind != np.uint8:
+            assert got[7, (n_groups - 1) // 64] >> np.uint64((n_groups - 1) % 64) & np.uint64(1)
+
+
+@pytest.mark.parametrize("n_words", [1, 2])
+def test_group_lists_equal_numpy(n_words):
+    """Each group's batch rows (ascending) whose input row has the group's bit,
+    from group g0 on: rows in any order, a chunk's share r0..r1, lists of every
+    length up to past 16 (the compressed blocks)."""
+    rng = np.random.default_rng(12)
+    n_in = 300
+    masks = rng.integers(0, 2 ** 63, size=(n_in, n_words), dtype=np.uint64)
+    masks[rng.random(masks.shape) < 0.3] = 0
+    masks[:, 0] |= np.uint64(1)                     # group 0: every row
+    for B, r0, r1, g0, ng in [(1, 0, 1, 0, 3), (40, 0, 40, 0, 64 * n_words),
+                              (100, 50, 100, 5, 40), (37, 3, 36, 60, 4 + 60 * (n_words - 1)),
+                              (17, 0, 17, 63, 1)]:
+        rows = rng.permutation(n_in)[:B]
+        lists = np.full((ng, r1 - r0 + 16), -1, dtype=np.int32)
+        counts = np.full(ng, -1, dtype=np.int64)
+        local = np.zeros((n_words, r1 - r0 + 16), dtype=np.uint64)
+        gemm.group_lists(masks, rows, r0, r1, lists, counts, local, g0)
+        for j in range(ng):
+            g = g0 + j
+            bit = (masks[rows[r0:r1], g // 64] >> np.uint64(g % 64)) & np.uint64(1)
+            want = np.arange(r0, r1)[bit != 0]
+            assert counts[j] == len(want), (B, g)
+            np.testing.assert_array_equal(lists[j, :counts[j]], want)
+
+
+def group_inputs(rng, M, K, dtype):
+    """Rows with all-zero groups of columns, whole zero rows, and dense ones."""
+    X = rand(rng, (M, K), dtype)
+    X[rng.random((M, K)) < 0.5] = 0
+    for r in range(M):
+        if rng.random() < 0.4:
+            c = gemm.GROUP * rng.integers(0, -(-K // gemm.GROUP))
+            X[r, c:c + gemm.GROUP] = 0
+    X[M // 2] = 0
+    return X
+
+
+@tiles
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_products_equal_tiles_bit_for_bit(dtype):
+    """group_rows and group_tn, which skip the rows whose group of columns is all
+    zero, give the same bits as gemm_rows and gemm_tn (every width's panels, and
+    inner sizes that end in a partial group), agree with NumPy, and leave the rows
+    outside r0..r1 alone."""
+    rng = np.random.default_rng(13)
+    lanes = gemm.VECTOR_BYTES // np.dtype(dtype).itemsize
+    for M in [1, 7, 17, 64]:
+        for K in [1, 3, 4, 5, 17, 64, 229]:
+            for N in WIDTHS + [130, 200]:
+                if N < lanes:
+                    continue
+                X = group_inputs(rng, M + 3, K, dtype)
+                W, D = rand(rng, (K, N), dtype), rand(rng, (M + 3, N), dtype)
+                starts = np.array([0, K], dtype=np.int64)
+                masks, ng = group_masks_twin(X, starts)
+                r0, r1 = 1, M + 1
+                lists = np.zeros((ng, M + 16), dtype=np.int32)
+                counts = np.zeros(ng, dtype=np.int64)
+                local = np.zeros((masks.shape[1], M + 16), dtype=np.uint64)
+                gemm.group_lists(masks, np.arange(M + 3), r0, r1, lists, counts, local, 0)
+                want, got = np.full((M + 3, N), 7, dtype), np.full((M + 3, N), 7, dtype)
+                gemm.gemm_rows(X, W, want, r0, r1)
+                gemm.group_rows(X, W, got, r0, r1, lists, counts)
+                assert got.tobytes() == want.tobytes(), (M, K, N)
+                assert_product_close(got[r0:r1], X[r0:r1], W, dtype)
+                want, got = np.full((K, N), np.nan, dtype), np.full((K, N), np.nan, dtype)
+                gemm.gemm_tn(X, D, want, r0, r1)
+                gemm.group_tn(X, D, got, lists, counts)
+                assert got.tobytes() == want.tobytes(), (M, K, N)
+                assert_product_close(got, X[r0:r1].T, D[r0:r1], dtype)
