@@ -743,18 +743,23 @@ def group_masks(X, starts, masks):
         x = X[i]
         for w in range(masks.shape[1]):
             masks[i, w] = np.uint64(0)
+        # The word being filled is kept in m, stored as each fills and at the end.
         j = 0
+        m = np.uint64(0)
         for s in range(len(starts) - 1):
             k0, k1 = starts[s], starts[s + 1]
-            full = k0 + (k1 - k0) // G * G
-            for k in range(k0, full, G):
-                # GROUP is 4: its columns unrolled.
-                nz = (x[k] != 0) | (x[k + 1] != 0) | (x[k + 2] != 0) | (x[k + 3] != 0)
-                masks[i, j // 64] |= np.uint64(nz) << np.uint64(j % 64)
+            for k in range(k0, k1, G):
+                if k + G <= k1:
+                    # GROUP is 4: its columns unrolled.
+                    nz = (x[k] != 0) | (x[k + 1] != 0) | (x[k + 2] != 0) | (x[k + 3] != 0)
+                else:
+                    nz = False
+                    for c in range(k, k1):
+                        nz |= x[c] != 0
+                m |= np.uint64(nz) << np.uint64(j % 64)
                 j += 1
-            if full < k1:
-                nz = False
-                for k in range(full, k1):
-                    nz |= x[k] != 0
-                masks[i, j // 64] |= np.uint64(nz) << np.uint64(j % 64)
-                j += 1
+                if j % 64 == 0:
+                    masks[i, j // 64 - 1] = m
+                    m = np.uint64(0)
+        if j % 64 != 0:
+            masks[i, j // 64] = m
