@@ -47,6 +47,7 @@ def num_threads(threads):
 
 
 _NO_INDICES = np.zeros(0, dtype=np.int32)
+_NO_ORDER = np.zeros(0, dtype=np.int64)    # csr_rows: the dense columns stay ascending
 
 # Arrays at least this large that the split writes once (a fit's fresh copy of the
 # training set's CSR and dense columns) are asked for 2 MB pages where the OS has
@@ -106,12 +107,22 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     third pass fills it with the values, in X's dtype. With check_finite, raises NonFiniteInput
     where X holds a NaN or an infinity (found by the counting pass, which reads
     every value anyway; NaN counts as a nonzero otherwise)."""
+    import numba
     X = np.ascontiguousarray(X)
     perm = np.asarray(perm, dtype=np.int64)
     where = np.empty(X.shape[1], dtype=np.int32)
     where[perm] = np.arange(X.shape[1])
     n_dense = int(n_dense)
-    runs = column_runs(perm[:n_dense])
+    # The dense columns are put in ascending order, by runs of adjacent columns,
+    # then, where perm lists them in another order, each row is reordered in place
+    # (csr_rows' order): a perm whose runs are short (the dense columns' groups,
+    # Engine.prepare) filled MNIST's rows by runs of one or two columns in 40 ms
+    # against 17.
+    ascending = np.sort(perm[:n_dense])
+    runs = column_runs(ascending)
+    order = np.searchsorted(ascending, perm[:n_dense])
+    if np.array_equal(order, np.arange(n_dense)):
+        order = order[:0]
     d = X.dtype.type(1 if levels is None else levels)
     kind = X.dtype if levels is None else np.uint8
     counts = _counted_rows(X, where, runs, kind, d, check_finite)
@@ -120,10 +131,13 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     indices = _empty(indptr[-1], np.int32)
     values = _empty(indptr[-1], X.dtype)
     Xd = _empty(X.shape[0] * n_dense, kind).reshape(X.shape[0], n_dense)
-    dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True)
+    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_dense), dtype=kind)
+    dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True, order, scratch)
     if levels is not None and counts.any():
         Xd = _empty(X.shape[0] * n_dense, X.dtype).reshape(X.shape[0], n_dense)
-        dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True)
+        scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_dense), dtype=X.dtype)
+        dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True, order,
+                       scratch)
     return Xd, indptr, indices, values
 
 
@@ -134,7 +148,7 @@ def _counted_rows(X, where, runs, kind, d, check_finite):
     its c."""
     counts = np.empty(X.shape[0], dtype=np.int64)
     dense.csr_rows(X, where, runs, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
-                   np.zeros((0, 0), dtype=kind), d, False)
+                   np.zeros((0, 0), dtype=kind), d, False, _NO_ORDER, np.zeros((0, 0), dtype=kind))
     bad = counts < 0
     if bad.any():
         if check_finite:
@@ -177,7 +191,8 @@ def levels_of(X):
     for d in LEVEL_DIVISORS:
         dense.csr_rows(sample, np.arange(m, dtype=np.int32), column_runs(np.arange(m)), bad,
                        np.zeros(n + 1, dtype=np.int64), _NO_INDICES, np.zeros(0, dtype=X.dtype),
-                       np.empty((n, m), dtype=np.uint8), X.dtype.type(d), True)
+                       np.empty((n, m), dtype=np.uint8), X.dtype.type(d), True, _NO_ORDER,
+                       np.zeros((0, 0), dtype=np.uint8))
         if not bad.any():
             return d
     return None
@@ -226,12 +241,45 @@ def dense_columns(counts, rows, density=DENSE_COLUMN_DENSITY):
     return perm.astype(np.int64), int(dense_col.sum())
 
 
+# The dense columns' groups (grouped_columns) are chosen from every
+# GROUP_SAMPLE_STEP-th row of the density sample (MNIST: 1,072 rows, 0.7 ms).
+GROUP_SAMPLE_STEP = 4
+
+
 # Whether a sparse input's first layer is split between the threads by input
 # columns (each thread owns its rows of W_1, and its optimiser moments) rather
 # than by batch rows, for the optimisers that keep moments (momentum, Nesterov,
 # Adam): see fastmlp.kernels.epoch.chunk_partial_forward and the README, Speed
 # (for SGD, with or without L2, it measured about 3% slower in quiet minutes).
 SPLIT_FEATURES = True
+
+
+def dense_column_cuts(n_dense, T):
+    """Chunk t's share of the n_dense dense columns: t * n_dense // T onwards."""
+    return np.array([t * n_dense // T for t in range(T + 1)], dtype=np.int64)
+
+
+def grouped_columns(X, cols, starts):
+    """The dense columns cols (ascending) reordered into groups of four that are
+    often zero together (dense.column_groups on every GROUP_SAMPLE_STEP-th row of
+    the density sample), group after group, within each run starts[s] ..
+    starts[s + 1] - 1 of them (each chunk's own, for a first layer split by input
+    columns): the products that skip each row's all-zero groups take four
+    adjacent columns at a time (fastmlp.kernels.gemm.group_rows). A run's smaller
+    groups go last."""
+    step = sample_step(X) * GROUP_SAMPLE_STEP
+    bits = np.empty((len(cols), -(-(-(-X.shape[0] // step)) // 64)), dtype=np.uint64)
+    dense.sample_bits(X, cols, step, bits)
+    firsts = dense.group_starts(starts)
+    members = np.empty((firsts[-1], 4), dtype=np.int64)
+    sizes = np.empty(firsts[-1], dtype=np.int64)
+    dense.column_groups(bits, starts, members, sizes)
+    order = []
+    for s in range(len(starts) - 1):
+        groups = range(firsts[s], firsts[s + 1])
+        for j in sorted(groups, key=lambda j: sizes[j] < 4):
+            order.extend(starts[s] + members[j, :sizes[j]])
+    return cols[np.array(order, dtype=np.int64)]
 
 
 def feature_cuts(counts, n_dense, T):
@@ -242,7 +290,7 @@ def feature_cuts(counts, n_dense, T):
     shared as evenly as whole columns allow."""
     n_in = len(counts)
     cuts = np.empty((T + 1, 2), dtype=np.int64)
-    cuts[:, 0] = [t * n_dense // T for t in range(T + 1)]
+    cuts[:, 0] = dense_column_cuts(n_dense, T)
     csum = np.cumsum(counts[n_dense:])
     total = csum[-1] if len(csum) else 0
     for t in range(T + 1):
@@ -345,6 +393,11 @@ class Engine:
         if self.sparse:
             perm, n_dense = dense_columns(counts, rows) if splits_columns(m) else (None, 0)
             if n_dense >= MIN_DENSE_COLUMNS:
+                if dense.uses_groups(m.weights[0]):
+                    # The dense columns in groups that are often zero together.
+                    perm = perm.copy()
+                    perm[:n_dense] = grouped_columns(
+                        X, perm[:n_dense], self._dense_cuts(n_dense, numba.get_num_threads()))
                 self.perm = perm
                 levels = levels_of(X)
                 self.X, self.indptr, self.indices, self.values = split_csr(
@@ -399,6 +452,12 @@ class Engine:
         if self.cuts is not None:
             return np.ascontiguousarray(self.cuts[:, 0])
         return np.array([0, self.n_dense], dtype=np.int64)
+
+    def _dense_cuts(self, n_dense, T):
+        """_dense_runs before the split: the dense columns' cuts between T chunks."""
+        if self.splits_features(T):
+            return dense_column_cuts(n_dense, T)
+        return np.array([0, n_dense], dtype=np.int64)
 
     def splits_features(self, T):
         """Whether the first layer is split between T chunks by input columns (see

@@ -11,12 +11,12 @@ float32 arithmetic to float64.
 import math
 
 import numpy as np
-from numba import njit, prange, types
+from numba import get_thread_id, njit, prange, types
 from numba.extending import overload
 
 from . import gemm
-from .simd import (BLOCK, combine_narrow_row, combine_whole_row_csc, compress_row, prefetch,
-                   prefetch_csr_part, put_block, sparse_combine_row, takes_narrow_row,
+from .simd import (BLOCK, combine_narrow_row, combine_whole_row_csc, compress_row, popcount,
+                   prefetch, prefetch_csr_part, put_block, sparse_combine_row, takes_narrow_row,
                    takes_whole_row)
 from .vmath import exp, sigmoid, tanh
 
@@ -659,7 +659,7 @@ def put_runs(dense, X, i, runs, d):
 
 
 @njit(cache=True, error_model="numpy", parallel=PRANGE_ONLY)
-def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill):
+def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill, order, scratch):
     """One pass over X's rows, each thread owning its rows, with X's column c put at
     position where[c] (a permutation of the columns, int32): the first n_dense
     positions go to the dense array dense (n, n_dense), by runs (s, n, w) of
@@ -683,7 +683,12 @@ def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill):
     at a time (csr_part, AVX-512: 12 ms against 19 for a loop over every column
     deciding dense or CSR).
     Both passes are one function because each parallel function costs a cold
-    start about 0.5 s of numba's parallel passes, whatever its body."""
+    start about 0.5 s of numba's parallel passes, whatever its body.
+
+    The runs put the dense columns in ascending order; where order is not empty,
+    each dense row is then reordered, dense[i, p] = (its ascending row)[order[p]],
+    through scratch's row for the thread (scratch: a row per thread number that
+    numba.get_thread_id can give, of dense's type)."""
     n_cols = X.shape[1]
     n_dense = runs_width(runs)
     for i in prange(X.shape[0]):
@@ -703,6 +708,14 @@ def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill):
         # took 11.2-13 ms against 8.6-9.2).
         csr_part(X, i, where, n_dense, indices, values, indptr[i], indptr[i + 1])
         counts[i] = 0 if put_runs(dense, X, i, runs, d) else 1
+        if order.shape[0] > 0:
+            # The row, in L1, moved into its final order through the thread's scratch.
+            tmp = scratch[get_thread_id()]
+            row = dense[i]
+            for p in range(n_dense):
+                tmp[p] = row[p]
+            for p in range(n_dense):
+                row[p] = tmp[order[p]]
 
 
 # The zero-skipping products over a sparse input's dense columns (gemm.group_rows,
@@ -717,6 +730,125 @@ def uses_groups(W):
     more."""
     return TILES and W.shape[1] * W.itemsize >= GROUP_MIN_BYTES and (
         W.itemsize == 4 or W.size < F64_MAX_WEIGHTS)
+
+
+@njit(cache=True, error_model="numpy")
+def sample_bits(X, cols, step, bits):
+    """bits[k, s // 64] bit s % 64 = whether row s * step of X is nonzero in column
+    cols[k] (NaN counts), for the sampled rows 0, step, 2 * step, ...; the other
+    bits 0."""
+    for k in range(bits.shape[0]):
+        for w in range(bits.shape[1]):
+            bits[k, w] = np.uint64(0)
+    s = 0
+    for i in range(0, X.shape[0], step):
+        x = X[i]
+        sh = np.uint64(s % 64)
+        w = s // 64
+        for k in range(cols.shape[0]):
+            bits[k, w] |= np.uint64(x[cols[k]] != 0) << sh
+        s += 1
+
+
+# Partners are looked for among the next PAIR_WINDOW units (columns in W_1's row
+# order, which keeps the input's: an image's neighbouring pixels are near).
+PAIR_WINDOW = 32
+
+
+@njit(cache=True, error_model="numpy")
+def _pair_up(bits, out):
+    """Greedy matching of units (rows of bits: sampled rows where each is nonzero)
+    into pairs of units at most PAIR_WINDOW apart, those whose union is nonzero in
+    the fewest rows first (ties: the lower units first), then the units left in
+    order: out[p] = the pair's two units (or a last one and -1); returns how many
+    pairs, (n + 1) // 2."""
+    n = bits.shape[0]
+    W = PAIR_WINDOW
+    union = np.full(n * W, np.iinfo(np.int64).max, dtype=np.int64)
+    for a in range(n):
+        for d in range(1, min(W, n - 1 - a) + 1):
+            b = a + d
+            c = 0
+            for w in range(bits.shape[1]):
+                c += popcount(bits[a, w] | bits[b, w])
+            union[a * W + d - 1] = c
+    order = np.argsort(union, kind="mergesort")
+    free = np.ones(n, dtype=np.bool_)
+    k = 0
+    for o in order:
+        a = o // W
+        b = a + o % W + 1
+        if union[o] == np.iinfo(np.int64).max:
+            break
+        if free[a] and free[b]:
+            free[a] = False
+            free[b] = False
+            out[k, 0], out[k, 1] = a, b
+            k += 1
+    # Units left without a partner in reach pair up in order (the last alone if
+    # n is odd): n // 2 pairs and n % 2 single units in all.
+    last = -1
+    for a in range(n):
+        if free[a]:
+            if last < 0:
+                last = a
+            else:
+                out[k, 0], out[k, 1] = last, a
+                k += 1
+                last = -1
+    if last >= 0:
+        out[k, 0], out[k, 1] = last, -1
+        k += 1
+    return k
+
+
+@njit(cache=True, error_model="numpy")
+def column_groups(bits, starts, cols, sizes):
+    """Groups of gemm.GROUP (4) columns that are zero together often, within each
+    run of columns starts[s] .. starts[s + 1] - 1: the columns paired by _pair_up on
+    their sampled rows (bits: sample_bits), then the pairs paired the same way on
+    their unions. Group j (numbered run after run) is cols[j, :sizes[j]], column
+    numbers from its run's start, ascending, the rest of the row its last column
+    again; groups in the order of their first columns. Returns how many groups."""
+    j = 0
+    for s in range(len(starts) - 1):
+        k0, k1 = starts[s], starts[s + 1]
+        n = k1 - k0
+        if n == 0:
+            continue
+        found = np.empty((n, 2), dtype=np.int64)
+        n_pairs = _pair_up(bits[k0:k1], found)
+        # In column order, so that a pair's partners in reach are pairs nearby.
+        pairs = found[:n_pairs][np.argsort(found[:n_pairs, 0], kind="mergesort")]
+        pbits = np.zeros((n_pairs, bits.shape[1]), dtype=np.uint64)
+        for p in range(n_pairs):
+            for w in range(bits.shape[1]):
+                pbits[p, w] = bits[k0 + pairs[p, 0], w]
+                if pairs[p, 1] >= 0:
+                    pbits[p, w] |= bits[k0 + pairs[p, 1], w]
+        quads = np.empty((n_pairs, 2), dtype=np.int64)
+        n_quads = _pair_up(pbits, quads)
+        first = np.empty(n_quads, dtype=np.int64)
+        members = np.empty((n_quads, 4), dtype=np.int64)
+        count = np.zeros(n_quads, dtype=np.int64)
+        for g in range(n_quads):
+            for h in range(2):
+                p = quads[g, h]
+                if p >= 0:
+                    for u in range(2):
+                        c = pairs[p, u]
+                        if c >= 0:
+                            members[g, count[g]] = c
+                            count[g] += 1
+            m = np.sort(members[g, :count[g]])
+            members[g, :count[g]] = m
+            first[g] = m[0]
+        for g in np.argsort(first, kind="mergesort"):
+            for u in range(4):
+                cols[j, u] = members[g, min(u, count[g] - 1)]
+            sizes[j] = count[g]
+            j += 1
+    return j
 
 
 def group_starts(starts):

@@ -708,3 +708,17 @@ def sparse_scatter_row(dW, touched, D, r, idx, val, q0, q1):
             seen = touched[k]
             for j in range(j0, n_out):
                 dW[k, j] = (dW[k, j] if seen else zero) + x * D[r, j]
+
+
+@intrinsic
+def popcount(typingctx, x):
+    """The number of bits set in x (a 64-bit unsigned integer): one instruction."""
+    if x != types.uint64:
+        raise TypingError("popcount: x must be a uint64")
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]),
+                                            "llvm.ctpop.i64")
+        return builder.call(fn, [args[0]])
+    return types.int64(x), codegen

@@ -239,3 +239,82 @@ def test_group_products_equal_tiles_bit_for_bit(dtype):
                 gemm.group_tn(X, D, got, lists, counts)
                 assert got.tobytes() == want.tobytes(), (M, K, N)
                 assert_product_close(got, X[r0:r1].T, D[r0:r1], dtype)
+
+
+def test_column_groups_partition_each_run_and_find_planted_groups():
+    """column_groups puts every column of each run in exactly one group of 1..GROUP
+    (ascending, padded with the last; groups by first column), as many groups as
+    group_starts counts; and where columns are zero together in sets of GROUP
+    interleaved within reach (columns c, c + 5, c + 10, c + 15), it finds the sets.
+    sample_bits, which it reads, against NumPy."""
+    rng = np.random.default_rng(14)
+    n_rows = 640
+    K = 80
+    Z = np.zeros((n_rows, K), dtype=bool)
+    for b in range(K // 20):
+        for i in range(5):
+            on = rng.random(n_rows) < 0.5
+            for m in range(4):
+                Z[:, 20 * b + i + 5 * m] = on & (rng.random(n_rows) < 0.9)
+    X = np.zeros((n_rows, K + 7))
+    where = rng.permutation(K + 7)[:K]            # the columns, anywhere in X
+    X[:, where] = Z * rng.random(Z.shape)
+    for step in (1, 3):
+        bits = np.empty((K, -(-(-(-n_rows // step)) // 64)), dtype=np.uint64)
+        dense.sample_bits(X, where, step, bits)
+        for k in range(K):
+            got = np.unpackbits(bits[k].view(np.uint8), bitorder="little")
+            want = X[::step, where[k]] != 0
+            np.testing.assert_array_equal(got[:len(want)].astype(bool), want)
+            assert not got[len(want):].any()
+    bits = np.empty((K, -(-n_rows // 64)), dtype=np.uint64)
+    dense.sample_bits(X, where, 1, bits)
+    for starts in ([0, K], [0, 40, K], [0, 20, 20, 80]):
+        starts = np.array(starts, dtype=np.int64)
+        firsts = dense.group_starts(starts)
+        cols = np.full((firsts[-1], 4), -1, dtype=np.int64)
+        sizes = np.full(firsts[-1], -1, dtype=np.int64)
+        dense.column_groups(bits, starts, cols, sizes)
+        found = set()
+        for s, (k0, k1) in enumerate(zip(starts[:-1], starts[1:])):
+            seen = []
+            for j in range(firsts[s], firsts[s + 1]):
+                g = cols[j, :sizes[j]]
+                assert 1 <= sizes[j] <= gemm.GROUP and np.all(np.diff(g) > 0)
+                assert np.all(cols[j, sizes[j]:] == g[-1])
+                seen += list(g)
+                found.add(tuple(k0 + g))
+            assert sorted(seen) == list(range(k1 - k0))
+            assert np.all(np.diff(cols[firsts[s]:firsts[s + 1], 0]) > 0)
+        for b in range(K // 20):
+            for i in range(5):
+                planted = tuple(20 * b + i + 5 * m for m in range(4))
+                assert planted in found, (list(starts), planted)
+
+
+def test_grouped_columns_put_each_group_together_in_its_run():
+    """Engine's order of the dense columns: a permutation of them that keeps each
+    chunk's run its own, the planted groups four adjacent columns from each run's
+    start, and smaller groups last."""
+    from fastmlp._numba_backend import grouped_columns
+    rng = np.random.default_rng(15)
+    n_rows, K = 4096, 42
+    X = np.zeros((n_rows, 60))
+    cols = np.sort(rng.choice(60, K, replace=False))
+    sets = [list(range(i, 40, 10)) for i in range(10)]     # 10 interleaved sets of 4
+    for st in sets:
+        on = rng.random(n_rows) < 0.5
+        for c in st:
+            X[:, cols[c]] = on * rng.random(n_rows)
+    X[:, cols[40:]] = rng.random((n_rows, 2)) < 0.9      # two columns left over
+    for starts in ([0, K], [0, 20, K]):
+        starts = np.array(starts, dtype=np.int64)
+        got = grouped_columns(X, cols, starts)
+        assert sorted(got) == list(cols)
+        for k0, k1 in zip(starts[:-1], starts[1:]):
+            run = got[k0:k1]
+            assert sorted(run) == list(cols[k0:k1])
+            inside = [st for st in sets if k0 <= st[0] and st[-1] < k1]
+            quads = {tuple(sorted(run[q:q + 4])) for q in range(0, (k1 - k0) // 4 * 4, 4)}
+            for st in inside:
+                assert tuple(cols[st]) in quads, (list(starts), st)
