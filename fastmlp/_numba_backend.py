@@ -123,6 +123,12 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     order = np.searchsorted(ascending, perm[:n_dense])
     if np.array_equal(order, np.arange(n_dense)):
         order = order[:0]
+    # 8-bit levels, 256 columns or fewer: the row is reordered by byte permutes,
+    # whose table is uint8, 64 at a time (dense.reorder_row).
+    bytes_order = order
+    if dense.HAS_VBMI and levels is not None and len(order) and n_dense <= 256:
+        bytes_order = np.zeros(-(-n_dense // 64) * 64, dtype=np.uint8)
+        bytes_order[:n_dense] = order
     d = X.dtype.type(1 if levels is None else levels)
     kind = X.dtype if levels is None else np.uint8
     counts = _counted_rows(X, where, runs, kind, d, check_finite)
@@ -132,7 +138,8 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     values = _empty(indptr[-1], X.dtype)
     Xd = _empty(X.shape[0] * n_dense, kind).reshape(X.shape[0], n_dense)
     scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_dense), dtype=kind)
-    dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True, order, scratch)
+    dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True, bytes_order,
+                   scratch)
     if levels is not None and counts.any():
         Xd = _empty(X.shape[0] * n_dense, X.dtype).reshape(X.shape[0], n_dense)
         scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_dense), dtype=X.dtype)

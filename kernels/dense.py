@@ -15,8 +15,8 @@ from numba import get_thread_id, njit, prange, types
 from numba.extending import overload
 
 from . import gemm
-from .simd import (BLOCK, combine_narrow_row, combine_whole_row_csc, compress_row, popcount,
-                   prefetch, prefetch_csr_part, put_block, sparse_combine_row, takes_narrow_row,
+from .simd import (BLOCK, combine_narrow_row, combine_whole_row_csc, compress_row,
+                   permute_bytes, popcount, prefetch, prefetch_csr_part, put_block, sparse_combine_row, takes_narrow_row,
                    takes_whole_row)
 from .vmath import exp, sigmoid, tanh
 
@@ -167,6 +167,7 @@ TN_MAX_WEIGHTS = 1 << 62 if gemm.HAS_AVX512 else 128 * 512
 F64_MAX_WEIGHTS = 128 * 512
 NT_MIN_BYTES = 512 if gemm.HAS_AVX512 else 1024
 TILES = gemm.HAS_TILES
+HAS_VBMI = gemm.HAS_VBMI
 
 
 @njit(cache=True, error_model="numpy")
@@ -626,6 +627,32 @@ def _put_dense(dense, i, w, x, d):
     return put_value
 
 
+def reorder_row(dense, i, order, scratch):
+    """dense[i, p] = dense[i, order[p]] for every p, all read before any is written:
+    by AVX-512 VBMI byte permutes for 8-bit levels (simd.permute_bytes; order as
+    uint8, padded to a multiple of 64), else through scratch's row for the thread
+    (scratch: a row per numba.get_thread_id, of dense's type; order int64).
+    Compiled code only."""
+    raise NotImplementedError("reorder_row is for compiled code")
+
+
+@overload(reorder_row)
+def _reorder_row(dense, i, order, scratch):
+    if gemm.HAS_VBMI and dense.dtype == types.uint8 and order.dtype == types.uint8:
+        def permuted(dense, i, order, scratch):
+            permute_bytes(dense, i, order)
+        return permuted
+
+    def through_scratch(dense, i, order, scratch):
+        tmp = scratch[get_thread_id()]
+        row = dense[i]
+        for p in range(row.shape[0]):
+            tmp[p] = row[p]
+        for p in range(row.shape[0]):
+            row[p] = tmp[order[p]]
+    return through_scratch
+
+
 @njit(error_model="numpy", inline="always")
 def runs_width(runs):
     """How many columns the runs (see put_runs) put in the dense array."""
@@ -686,9 +713,8 @@ def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill, or
     start about 0.5 s of numba's parallel passes, whatever its body.
 
     The runs put the dense columns in ascending order; where order is not empty,
-    each dense row is then reordered, dense[i, p] = (its ascending row)[order[p]],
-    through scratch's row for the thread (scratch: a row per thread number that
-    numba.get_thread_id can give, of dense's type)."""
+    each dense row is then reordered, dense[i, p] = (its ascending row)[order[p]]
+    (reorder_row, with scratch)."""
     n_cols = X.shape[1]
     n_dense = runs_width(runs)
     for i in prange(X.shape[0]):
@@ -709,13 +735,8 @@ def csr_rows(X, where, runs, counts, indptr, indices, values, dense, d, fill, or
         csr_part(X, i, where, n_dense, indices, values, indptr[i], indptr[i + 1])
         counts[i] = 0 if put_runs(dense, X, i, runs, d) else 1
         if order.shape[0] > 0:
-            # The row, in L1, moved into its final order through the thread's scratch.
-            tmp = scratch[get_thread_id()]
-            row = dense[i]
-            for p in range(n_dense):
-                tmp[p] = row[p]
-            for p in range(n_dense):
-                row[p] = tmp[order[p]]
+            # The row, still in L1, moved into its final order.
+            reorder_row(dense, i, order, scratch)
 
 
 # The zero-skipping products over a sparse input's dense columns (gemm.group_rows,

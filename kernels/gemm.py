@@ -50,6 +50,8 @@ def _host_features():
 _FEATURES = _host_features()
 HAS_AVX512 = "+avx512f" in _FEATURES
 HAS_AVX2 = "+avx2" in _FEATURES and "+fma" in _FEATURES
+# AVX-512 VBMI's byte permutes (dense.reorder_row)
+HAS_VBMI = HAS_AVX512 and "+avx512vbmi" in _FEATURES
 # Tiles are used where the CPU has fused multiply-add vectors of 32 (AVX2, 16
 # registers) or 64 bytes (AVX-512, 32 registers); elsewhere BLAS does everything.
 HAS_TILES = HAS_AVX512 or HAS_AVX2

@@ -722,3 +722,69 @@ def popcount(typingctx, x):
                                             "llvm.ctpop.i64")
         return builder.call(fn, [args[0]])
     return types.int64(x), codegen
+
+
+@intrinsic
+def permute_bytes(typingctx, dense, i, order):
+    """dense[i, p] = dense[i, order[p]] for p < n_dense, every read before any
+    write (a uint8 row of at most 256 numbers, in place): each 64-byte block of
+    the result picked from the row's four blocks by two AVX-512 VBMI two-table
+    byte permutes and a blend on each index's top bit. order is uint8, its
+    length a multiple of 64 covering the row."""
+    for name, a in (("dense", dense), ("order", order)):
+        if not (isinstance(a, types.Array) and a.dtype == types.uint8 and a.layout == "C"):
+            raise TypingError(f"permute_bytes: {name} must be a C-contiguous uint8 array")
+    if dense.ndim != 2 or order.ndim != 1:
+        raise TypingError("permute_bytes: dense 2-D, order 1-D")
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        D = context.make_array(signature.args[0])(context, builder, args[0])
+        O = context.make_array(signature.args[2])(context, builder, args[2])
+        intp = context.get_value_type(types.intp)
+        i_ = context.cast(builder, args[1], signature.args[1], types.intp)
+        i8, i32, i1 = ir.IntType(8), ir.IntType(32), ir.IntType(1)
+        v64, vb = ir.VectorType(i8, 64), ir.VectorType(i1, 64)
+
+        def fn(name, ret, argtys):
+            return cgutils.get_or_insert_function(b.module, ir.FunctionType(ret, argtys), name)
+        perm2 = fn("llvm.x86.avx512.vpermi2var.qi.512", v64, [v64, v64, v64])
+        mload = fn("llvm.masked.load.v64i8.p0", v64, [v64.as_pointer(), i32, vb, v64])
+        mstore = fn("llvm.masked.store.v64i8.p0", ir.VoidType(), [v64, v64.as_pointer(), i32, vb])
+        n = cgutils.unpack_tuple(b, D.shape)[1]
+        row = b.gep(D.data, [b.mul(i_, n)])
+        lanes = ir.Constant(ir.VectorType(i32, 64), list(range(64)))
+        zero = ir.Constant(v64, [ir.Constant(i8, 0)] * 64)
+
+        def inside(c):
+            # lanes of block c inside the row
+            left = b.sub(n, ir.Constant(intp, 64 * c))
+            left = b.select(b.icmp_signed("<", left, ir.Constant(intp, 0)),
+                            ir.Constant(intp, 0), left)
+            left = b.select(b.icmp_signed(">", left, ir.Constant(intp, 64)),
+                            ir.Constant(intp, 64), left)
+            return b.icmp_signed("<", lanes, _splat64(b, b.trunc(left, i32)))
+
+        def ptr(base, c):
+            return b.bitcast(b.gep(base, [ir.Constant(intp, 64 * c)]), v64.as_pointer())
+        src = [b.call(mload, [ptr(row, c), ir.Constant(i32, 1), inside(c), zero])
+               for c in range(4)]
+        out = []
+        for c in range(4):
+            idx = b.call(mload, [ptr(O.data, c), ir.Constant(i32, 1), inside(c), zero])
+            lo = b.call(perm2, [src[0], idx, src[1]])
+            hi = b.call(perm2, [src[2], idx, src[3]])
+            top = b.icmp_signed("<", idx, zero)
+            out.append(b.select(top, hi, lo))
+        for c in range(4):
+            b.call(mstore, [out[c], ptr(row, c), ir.Constant(i32, 1), inside(c)])
+        return context.get_dummy_value()
+    return types.none(dense, i, order), codegen
+
+
+def _splat64(builder, value):
+    v = ir.VectorType(value.type, 64)
+    i32 = ir.IntType(32)
+    xv = builder.insert_element(ir.Constant(v, ir.Undefined), value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(xv, ir.Constant(v, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, 64), [0] * 64))

@@ -621,6 +621,35 @@ def test_split_csr_keeps_levels_exactly(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_csr_reorders_dense_columns_of_any_width(dtype):
+    """Dense columns listed by perm in any order (the Engine's groups) come out in
+    that order: filled ascending, then each row reordered in place (by byte
+    permutes for levels up to 256 columns, else one by one), at widths around the
+    permutes' 64-byte blocks and past 256, levels or not; and in ascending order
+    as they are."""
+    from fastmlp._numba_backend import split_csr
+    rng = np.random.default_rng(23)
+    for n_dense in (1, 2, 63, 64, 65, 128, 200, 255, 256, 257, 300):
+        m = n_dense + 20
+        X = (rng.integers(0, 256, (40, m)) * (rng.random((40, m)) < 0.6)).astype(dtype)
+        X /= dtype(255)
+        for order in ("shuffled", "ascending"):
+            dense_cols = rng.choice(m, n_dense, replace=False)
+            if order == "ascending":
+                dense_cols = np.sort(dense_cols)
+            rest = np.setdiff1d(np.arange(m), dense_cols)
+            perm = np.r_[dense_cols, rest]
+            for levels in (None, 255):
+                Xd, indptr, indices, values = split_csr(X, perm, n_dense, levels)
+                want = X[:, dense_cols]
+                if levels is not None:
+                    assert Xd.dtype == np.uint8
+                    want = np.rint(want * 255)
+                np.testing.assert_array_equal(Xd, want, err_msg=str((n_dense, order, levels)))
+                assert indptr[-1] == np.count_nonzero(X[:, rest])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_put_runs_equals_numpy(dtype):
     """put_runs (vector blocks where they fit, else put_dense one by one) against a
     NumPy twin: every dense value (its 8-bit level, 0 where none; or the value) and
