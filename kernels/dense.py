@@ -16,8 +16,8 @@ from numba.extending import overload
 
 from . import gemm
 from .simd import (BLOCK, combine_narrow_row, combine_whole_row_csc, compress_row,
-                   permute_bytes, popcount, prefetch, prefetch_csr_part, put_block, sparse_combine_row, takes_narrow_row,
-                   takes_whole_row)
+                   permute_bytes, popcount, prefetch, prefetch_csr_part, put_block,
+                   quad_nonzeros, sparse_combine_row, takes_narrow_row, takes_whole_row)
 from .vmath import exp, sigmoid, tanh
 
 LINEAR, SIGMOID, TANH, RELU, SOFTMAX = 0, 1, 2, 3, 4
@@ -884,6 +884,30 @@ def group_starts(starts):
     return out
 
 
+def group_bits(X, i, k, k1):
+    """Bit q (q < 16) set where any of X[i, k + GROUP * q ..] (GROUP columns, or
+    those before k1) is nonzero (NaN counts): 8-bit levels by one vector compare
+    (simd.quad_nonzeros), else one by one. Compiled code only."""
+    raise NotImplementedError("group_bits is for compiled code")
+
+
+@overload(group_bits)
+def _group_bits(X, i, k, k1):
+    if gemm.HAS_AVX512 and X.dtype == types.uint8 and X.layout == "C":
+        return lambda X, i, k, k1: quad_nonzeros(X, i, k, k1 - k)
+
+    def one_by_one(X, i, k, k1):
+        G = gemm.GROUP
+        bits = np.uint64(0)
+        for q in range(16):
+            nz = False
+            for c in range(k + G * q, min(k1, k + G * q + G)):
+                nz |= X[i, c] != 0
+            bits |= np.uint64(nz) << np.uint64(q)
+        return bits
+    return one_by_one
+
+
 @njit(cache=True, error_model="numpy", parallel=PRANGE_ONLY)
 def group_masks(X, starts, masks):
     """masks[i, j // 64] bit j % 64 = whether group j of row i of X holds a nonzero
@@ -893,26 +917,16 @@ def group_masks(X, starts, masks):
     each its own."""
     G = gemm.GROUP
     for i in prange(X.shape[0]):
-        x = X[i]
         for w in range(masks.shape[1]):
             masks[i, w] = np.uint64(0)
-        # The word being filled is kept in m, stored as each fills and at the end.
         j = 0
-        m = np.uint64(0)
         for s in range(len(starts) - 1):
             k0, k1 = starts[s], starts[s + 1]
-            for k in range(k0, k1, G):
-                if k + G <= k1:
-                    # GROUP is 4: its columns unrolled.
-                    nz = (x[k] != 0) | (x[k + 1] != 0) | (x[k + 2] != 0) | (x[k + 3] != 0)
-                else:
-                    nz = False
-                    for c in range(k, k1):
-                        nz |= x[c] != 0
-                m |= np.uint64(nz) << np.uint64(j % 64)
-                j += 1
-                if j % 64 == 0:
-                    masks[i, j // 64 - 1] = m
-                    m = np.uint64(0)
-        if j % 64 != 0:
-            masks[i, j // 64] = m
+            for k in range(k0, k1, 16 * G):
+                # Up to 16 groups' bits at once, from bit j on.
+                bits = group_bits(X, i, k, k1)
+                h = np.uint64(j % 64)
+                masks[i, j // 64] |= bits << h
+                if h > 48 and (j // 64 + 1) < masks.shape[1]:
+                    masks[i, j // 64 + 1] |= bits >> (np.uint64(64) - h)
+                j += min(16, (k1 - k + G - 1) // G)

@@ -788,3 +788,36 @@ def _splat64(builder, value):
     xv = builder.insert_element(ir.Constant(v, ir.Undefined), value, ir.Constant(i32, 0))
     return builder.shuffle_vector(xv, ir.Constant(v, ir.Undefined),
                                   ir.Constant(ir.VectorType(i32, 64), [0] * 64))
+
+
+@intrinsic
+def quad_nonzeros(typingctx, X, i, k, n):
+    """Bit q (q < 16) set where any of X[i, k + 4q .. k + 4q + 3] is nonzero, those
+    columns below k + n (n > 0; the row's columns past it read as zeros): 64 bytes
+    of a uint8 row at once, as sixteen 32-bit lanes compared with zero."""
+    if not (isinstance(X, types.Array) and X.ndim == 2 and X.dtype == types.uint8
+            and X.layout == "C"):
+        raise TypingError("quad_nonzeros: X must be a C-contiguous 2-D uint8 array")
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        A = context.make_array(signature.args[0])(context, builder, args[0])
+        intp = context.get_value_type(types.intp)
+        i_, k_, n_ = (context.cast(builder, args[j], signature.args[j], types.intp)
+                      for j in (1, 2, 3))
+        i8, i32, i1 = ir.IntType(8), ir.IntType(32), ir.IntType(1)
+        v64, vb = ir.VectorType(i8, 64), ir.VectorType(i1, 64)
+        v16 = ir.VectorType(i32, 16)
+        mload = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(v64, [v64.as_pointer(), i32, vb, v64]),
+            "llvm.masked.load.v64i8.p0")
+        cols = cgutils.unpack_tuple(b, A.shape)[1]
+        p = b.gep(A.data, [b.add(b.mul(i_, cols), k_)])
+        left = b.select(b.icmp_signed(">", n_, ir.Constant(intp, 64)), ir.Constant(intp, 64), n_)
+        lanes = ir.Constant(ir.VectorType(i32, 64), list(range(64)))
+        inside = b.icmp_signed("<", lanes, _splat64(b, b.trunc(left, i32)))
+        zero = ir.Constant(v64, [ir.Constant(i8, 0)] * 64)
+        x = b.call(mload, [b.bitcast(p, v64.as_pointer()), ir.Constant(i32, 1), inside, zero])
+        nz = b.icmp_unsigned("!=", b.bitcast(x, v16), ir.Constant(v16, [ir.Constant(i32, 0)] * 16))
+        return b.zext(b.bitcast(nz, ir.IntType(16)), ir.IntType(64))
+    return types.uint64(X, i, k, n), codegen
