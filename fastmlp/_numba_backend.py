@@ -47,7 +47,12 @@ def num_threads(threads):
 
 
 _NO_INDICES = np.zeros(0, dtype=np.int32)
-_NO_ORDER = np.zeros(0, dtype=np.int64)    # csr_rows: the dense columns stay ascending
+def _no_order(kind):
+    """csr_rows' order for dense columns that stay ascending, of the type the
+    split's fill passes for a dense array of type kind (see split_csr), so that
+    every pass over the rows shares one compiled csr_rows (a parallel function:
+    each more cost a cold start 2.4 s)."""
+    return np.zeros(0, dtype=np.uint8 if dense.HAS_VBMI and kind == np.uint8 else np.int64)
 
 # Arrays at least this large that the split writes once (a fit's fresh copy of the
 # training set's CSR and dense columns) are asked for 2 MB pages where the OS has
@@ -125,12 +130,12 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
         order = order[:0]
     # 8-bit levels, 256 columns or fewer: the row is reordered by byte permutes,
     # whose table is uint8, 64 at a time (dense.reorder_row).
-    bytes_order = order
+    d = X.dtype.type(1 if levels is None else levels)
+    kind = X.dtype if levels is None else np.uint8
+    bytes_order = order if len(order) else _no_order(kind)
     if dense.HAS_VBMI and levels is not None and len(order) and n_dense <= 256:
         bytes_order = np.zeros(-(-n_dense // 64) * 64, dtype=np.uint8)
         bytes_order[:n_dense] = order
-    d = X.dtype.type(1 if levels is None else levels)
-    kind = X.dtype if levels is None else np.uint8
     counts = _counted_rows(X, where, runs, kind, d, check_finite)
     indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
@@ -155,7 +160,8 @@ def _counted_rows(X, where, runs, kind, d, check_finite):
     its c."""
     counts = np.empty(X.shape[0], dtype=np.int64)
     dense.csr_rows(X, where, runs, counts, counts, _NO_INDICES, np.zeros(0, dtype=X.dtype),
-                   np.zeros((0, 0), dtype=kind), d, False, _NO_ORDER, np.zeros((0, 0), dtype=kind))
+                   np.zeros((0, 0), dtype=kind), d, False, _no_order(kind),
+                   np.zeros((0, 0), dtype=kind))
     bad = counts < 0
     if bad.any():
         if check_finite:
@@ -198,7 +204,8 @@ def levels_of(X):
     for d in LEVEL_DIVISORS:
         dense.csr_rows(sample, np.arange(m, dtype=np.int32), column_runs(np.arange(m)), bad,
                        np.zeros(n + 1, dtype=np.int64), _NO_INDICES, np.zeros(0, dtype=X.dtype),
-                       np.empty((n, m), dtype=np.uint8), X.dtype.type(d), True, _NO_ORDER,
+                       np.empty((n, m), dtype=np.uint8), X.dtype.type(d), True,
+                       _no_order(np.uint8),
                        np.zeros((0, 0), dtype=np.uint8))
         if not bad.any():
             return d
