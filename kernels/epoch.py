@@ -73,10 +73,12 @@ estimator's network, no different for seed002.
 
 Where the tiles would take them (dense.uses_groups), those dense products skip
 zeros a group of four adjacent columns at a time (gemm.group_rows and
-gemm.group_tn: MNIST's groups are all zero in a quarter of the rows): each
+gemm.group_tn; the Engine orders the dense columns in groups that are often zero
+together, dense.column_groups: MNIST's are all zero in 31% of the rows): each
 chunk lists, once a batch, its rows with a nonzero in each group (from masks the
 Engine computes once a fit, dense.group_masks), and both products run over each
-group's listed rows only. The same sums in the same order: the same bits.
+group's listed rows only. The same sums in the same order as the tiles': the
+same bits.
 
 The per-chunk kernels run with subnormal floats flushed to zero (kernels/fpenv.py):
 decaying optimiser moments otherwise reach the slow subnormal path.

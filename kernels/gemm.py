@@ -364,13 +364,17 @@ def gemm_nt(D, W, out, r0, r1):
 # Zero-skipping products over a sparse input's dense columns. Those columns are
 # nonzero in 30% of rows or more (MNIST's middle pixels, 52% on average), so a
 # dense product spends about half its multiply-adds on zeros; but skipping a
-# single zero costs a load of its own (README, Speed). Four adjacent columns (a
-# group: a run of neighbouring pixels, zero together far more often than alone)
-# are all zero in a quarter of MNIST's rows. The products below take the
+# single zero costs a load of its own (README, Speed). GROUP adjacent columns
+# (the Engine orders the dense columns so that each group's are often zero
+# together: fastmlp.kernels.dense.column_groups) are all zero in 31% of MNIST's
+# rows (26% for four neighbouring pixels in a row). The products below take the
 # columns a group at a time and skip the rows where the whole group is zero,
 # listed once per chunk and batch (group_lists): a skipped row's terms are
 # x * w with x = 0, which add nothing (for finite weights), so every output is
 # the same sum in the same order as gemm_rows' and gemm_tn's, the same bits.
+# 100 MNIST rows by 228 columns by 100 units, one thread, X W and X^T D with the
+# lists built: about 74 us against 90 for the tiles (groups of four pixels in a row;
+# groups of two: the forward 48 against 37 us, the gradient 33 against 36).
 GROUP = 4
 
 
