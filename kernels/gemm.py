@@ -154,6 +154,17 @@ def _if_row(builder, vec, i, mr):
     return builder.if_then(builder.icmp_signed("<", vec.c(i), mr))
 
 
+def _panel_vectors(context, builder, signature, nv, last_bytes, j0, jl):
+    """(vec, vecs, cols) for a panel of nv vectors of C's dtype (the first
+    argument's): the full-width vectors, each vector's width (the last last_bytes)
+    and first column (from j0, the last at jl)."""
+    dtype = signature.args[0].dtype
+    vec = _Vectors(context, builder, dtype)
+    vecs = [vec] * (nv - 1) + [_Vectors(context, builder, dtype, last_bytes)]
+    cols = [builder.add(j0, vec.c(v * vec.lanes)) for v in range(nv - 1)] + [jl]
+    return vec, vecs, cols
+
+
 def _gemm_tile_intrinsic(nv, max_rows, last_bytes=VECTOR_BYTES):
     @intrinsic
     def gemm_tile(typingctx, C, A, B, mr, i0, j0, jl, a0, ais, aks, b0, K):
@@ -170,22 +181,11 @@ def _gemm_tile_intrinsic(nv, max_rows, last_bytes=VECTOR_BYTES):
             mr_, i0_, j0_, jl_, a0_, ais_, aks_, b0_, K_ = (
                 context.cast(builder, args[n], signature.args[n], types.intp)
                 for n in range(3, 12))
-            dtype = signature.args[0].dtype
-            vec = _Vectors(context, builder, dtype)
-            vecs = [vec] * (nv - 1) + [_Vectors(context, builder, dtype, last_bytes)]
+            vec, vecs, cols = _panel_vectors(context, builder, signature, nv, last_bytes, j0_,
+                                             jl_)
             ldc = _row_stride(builder, vec, c_)
             ldb = _row_stride(builder, vec, b_)
             b = builder
-            cols = [b.add(j0_, vec.c(v * vec.lanes)) for v in range(nv - 1)] + [jl_]
-            i32 = ir.IntType(32)
-
-            def lanes(x, w):
-                # The first w.lanes of the full-width splat: a narrower register's
-                # view of the same broadcast, not a second one.
-                if w.lanes == vec.lanes:
-                    return x
-                return b.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, w.lanes),
-                                                          list(range(w.lanes))))
 
             def emit(rows):
                 accs = [[cgutils.alloca_once_value(b, w.zero) for w in vecs]
@@ -200,8 +200,8 @@ def _gemm_tile_intrinsic(nv, max_rows, last_bytes=VECTOR_BYTES):
                     for i in range(rows):
                         x = vec.splat(b.load(b.gep(a_.data, [b.add(arow[i], koff)])))
                         for v, w in enumerate(vecs):
-                            b.store(b.call(w.fma, [lanes(x, w), bv[v], b.load(accs[i][v])]),
-                                    accs[i][v])
+                            b.store(b.call(w.fma, [_narrowed(b, vec, x, w), bv[v],
+                                                   b.load(accs[i][v])]), accs[i][v])
                 for i in range(rows):
                     with _if_row(b, vec, i, mr_):
                         crow = b.mul(b.add(i0_, vec.c(i)), ldc)
@@ -378,76 +378,28 @@ def gemm_nt(D, W, out, r0, r1):
 GROUP = 4
 
 
-def _group_acc_intrinsic(nv, last_bytes=VECTOR_BYTES):
-    @intrinsic
-    def group_acc(typingctx, C, A, B, lst, q0, q1, c0, g, j0, jl):
+def _group_intrinsic(kind, nv, last_bytes=VECTOR_BYTES):
+    """group_acc (kind "acc", the forward) or group_tile (kind "tile", the weight
+    gradient) for panels of nv vectors, the last last_bytes wide."""
+    def doc_acc(C, A, B, lst, q0, q1, c0, g, j0, jl):
         """For each listed row r = lst[q], q in q0..q1-1: C[r, cols] += A[r, c0+i] *
         B[c0+i, cols] for i = 0..g-1 in order, one fused multiply-add each (g in
         1..GROUP), with cols nv vectors from j0, the last starting at jl and
         last_bytes wide. B's g rows stay in registers across the list; each row of
         C is loaded whole before any of it is stored, so a last vector that
         overlaps the one before writes the same bits twice."""
-        _check("group_acc", C, A, B)
-        if not (isinstance(lst, types.Array) and lst.ndim == 1 and lst.dtype == types.int32
-                and lst.layout == "C"):
-            raise TypingError("group_acc: lst must be a C-contiguous 1-D int32 array")
-        sig = types.none(C, A, B, lst, q0, q1, c0, g, j0, jl)
 
-        def codegen(context, builder, signature, args):
-            c_, a_, b_ = (context.make_array(signature.args[n])(context, builder, args[n])
-                          for n in range(3))
-            l_ = context.make_array(signature.args[3])(context, builder, args[3])
-            q0_, q1_, c0_, g_, j0_, jl_ = (
-                context.cast(builder, args[n], signature.args[n], types.intp)
-                for n in range(4, 10))
-            dtype = signature.args[0].dtype
-            vec = _Vectors(context, builder, dtype)
-            vecs = [vec] * (nv - 1) + [_Vectors(context, builder, dtype, last_bytes)]
-            ldc = _row_stride(builder, vec, c_)
-            lda = _row_stride(builder, vec, a_)
-            ldb = _row_stride(builder, vec, b_)
-            b = builder
-            cols = [b.add(j0_, vec.c(v * vec.lanes)) for v in range(nv - 1)] + [jl_]
-            i32 = ir.IntType(32)
-
-            def lanes(x, w):
-                if w.lanes == vec.lanes:
-                    return x
-                return b.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, w.lanes),
-                                                          list(range(w.lanes))))
-            # B's rows c0..c0+g-1 (rows past g read row g-1 again, unused).
-            brow = [b.mul(b.add(c0_, _clamped_row(b, vec, i, g_)), ldb) for i in range(GROUP)]
-            bv = [[w.load(b_.data, b.add(brow[i], cols[v])) for v, w in enumerate(vecs)]
-                  for i in range(GROUP)]
-            with cgutils.for_range_slice(b, q0_, q1_, vec.c(1)) as (q, _):
-                r = b.sext(b.load(b.gep(l_.data, [q])), vec.intp)
-                crow = b.mul(r, ldc)
-                arow = b.add(b.mul(r, lda), c0_)
-                accs = [cgutils.alloca_once_value(b, w.load(c_.data, b.add(crow, cols[v])))
-                        for v, w in enumerate(vecs)]
-                for i in range(GROUP):
-                    with _if_row(b, vec, i, g_):
-                        x = vec.splat(b.load(b.gep(a_.data, [b.add(arow, vec.c(i))])))
-                        for v, w in enumerate(vecs):
-                            b.store(b.call(w.fma, [lanes(x, w), bv[i][v], b.load(accs[v])]),
-                                    accs[v])
-                for v, w in enumerate(vecs):
-                    w.store(b.load(accs[v]), c_.data, b.add(crow, cols[v]))
-            return context.get_dummy_value()
-        return sig, codegen
-    return group_acc
-
-
-def _group_tile_intrinsic(nv, last_bytes=VECTOR_BYTES):
-    @intrinsic
-    def group_tile(typingctx, C, A, B, lst, q0, q1, c0, g, j0, jl):
+    def doc_tile(C, A, B, lst, q0, q1, c0, g, j0, jl):
         """C[c0+i, cols] = sum over the listed rows r = lst[q], q in q0..q1-1 (in
         that order), of A[r, c0+i] * B[r, cols], for i < g (1..GROUP): gemm_tile's
         sums of A^T B over the listed rows only, cols as in group_acc."""
-        _check("group_tile", C, A, B)
+    name = "group_" + kind
+
+    def group(typingctx, C, A, B, lst, q0, q1, c0, g, j0, jl):
+        _check(name, C, A, B)
         if not (isinstance(lst, types.Array) and lst.ndim == 1 and lst.dtype == types.int32
                 and lst.layout == "C"):
-            raise TypingError("group_tile: lst must be a C-contiguous 1-D int32 array")
+            raise TypingError(f"{name}: lst must be a C-contiguous 1-D int32 array")
         sig = types.none(C, A, B, lst, q0, q1, c0, g, j0, jl)
 
         def codegen(context, builder, signature, args):
@@ -457,42 +409,62 @@ def _group_tile_intrinsic(nv, last_bytes=VECTOR_BYTES):
             q0_, q1_, c0_, g_, j0_, jl_ = (
                 context.cast(builder, args[n], signature.args[n], types.intp)
                 for n in range(4, 10))
-            dtype = signature.args[0].dtype
-            vec = _Vectors(context, builder, dtype)
-            vecs = [vec] * (nv - 1) + [_Vectors(context, builder, dtype, last_bytes)]
+            vec, vecs, cols = _panel_vectors(context, builder, signature, nv, last_bytes, j0_,
+                                             jl_)
             ldc = _row_stride(builder, vec, c_)
             lda = _row_stride(builder, vec, a_)
             ldb = _row_stride(builder, vec, b_)
             b = builder
-            cols = [b.add(j0_, vec.c(v * vec.lanes)) for v in range(nv - 1)] + [jl_]
-            i32 = ir.IntType(32)
+            # The group's columns (rows past g read the last again, unused).
+            ks = [b.add(c0_, _clamped_row(b, vec, i, g_)) for i in range(GROUP)]
 
-            def lanes(x, w):
-                if w.lanes == vec.lanes:
-                    return x
-                return b.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, w.lanes),
-                                                          list(range(w.lanes))))
+            def fma(x, w, y, acc):
+                b.store(b.call(w.fma, [_narrowed(b, vec, x, w), y, b.load(acc)]), acc)
+            if kind == "acc":
+                bv = [[w.load(b_.data, b.add(b.mul(ks[i], ldb), cols[v]))
+                       for v, w in enumerate(vecs)] for i in range(GROUP)]
+                with cgutils.for_range_slice(b, q0_, q1_, vec.c(1)) as (q, _):
+                    r = b.sext(b.load(b.gep(l_.data, [q])), vec.intp)
+                    crow, arow = b.mul(r, ldc), b.mul(r, lda)
+                    accs = [cgutils.alloca_once_value(b, w.load(c_.data, b.add(crow, cols[v])))
+                            for v, w in enumerate(vecs)]
+                    for i in range(GROUP):
+                        with _if_row(b, vec, i, g_):
+                            x = vec.splat(b.load(b.gep(a_.data, [b.add(arow, ks[i])])))
+                            for v, w in enumerate(vecs):
+                                fma(x, w, bv[i][v], accs[v])
+                    for v, w in enumerate(vecs):
+                        w.store(b.load(accs[v]), c_.data, b.add(crow, cols[v]))
+                return context.get_dummy_value()
             accs = [[cgutils.alloca_once_value(b, w.zero) for w in vecs] for _ in range(GROUP)]
-            # Columns past g read column g-1 again; their sums are not stored.
-            acol = [b.add(c0_, _clamped_row(b, vec, i, g_)) for i in range(GROUP)]
             with cgutils.for_range_slice(b, q0_, q1_, vec.c(1)) as (q, _):
                 r = b.sext(b.load(b.gep(l_.data, [q])), vec.intp)
-                brow = b.mul(r, ldb)
-                arow = b.mul(r, lda)
+                brow, arow = b.mul(r, ldb), b.mul(r, lda)
                 bv = [w.load(b_.data, b.add(brow, cols[v])) for v, w in enumerate(vecs)]
                 for i in range(GROUP):
-                    x = vec.splat(b.load(b.gep(a_.data, [b.add(arow, acol[i])])))
+                    x = vec.splat(b.load(b.gep(a_.data, [b.add(arow, ks[i])])))
                     for v, w in enumerate(vecs):
-                        b.store(b.call(w.fma, [lanes(x, w), bv[v], b.load(accs[i][v])]),
-                                accs[i][v])
+                        fma(x, w, bv[v], accs[i][v])
             for i in range(GROUP):
                 with _if_row(b, vec, i, g_):
-                    crow = b.mul(b.add(c0_, vec.c(i)), ldc)
+                    crow = b.mul(ks[i], ldc)
                     for v, w in enumerate(vecs):
                         w.store(b.load(accs[i][v]), c_.data, b.add(crow, cols[v]))
             return context.get_dummy_value()
         return sig, codegen
-    return group_tile
+    group.__name__ = name
+    group.__doc__ = (doc_acc if kind == "acc" else doc_tile).__doc__
+    return intrinsic(group)
+
+
+def _narrowed(builder, vec, x, w):
+    """The first w.lanes of vec's splat x: a narrower register's view of the same
+    broadcast, not a second one."""
+    if w.lanes == vec.lanes:
+        return x
+    i32 = ir.IntType(32)
+    return builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(i32, w.lanes),
+                                                    list(range(w.lanes))))
 
 
 # A row's columns in panels of whole vectors, each a pass over a group's listed
@@ -504,14 +476,14 @@ def _group_tile_intrinsic(nv, last_bytes=VECTOR_BYTES):
 # columns another panel already took would be added twice).
 _QUARTER = VECTOR_BYTES // 4
 group_acc1, group_acc2, group_acc3, group_acc4 = (
-    _group_acc_intrinsic(nv) for nv in (1, 2, 3, 4))
+    _group_intrinsic("acc", nv) for nv in (1, 2, 3, 4))
 group_tile1, group_tile2, group_tile3, group_tile4 = (
-    _group_tile_intrinsic(nv) for nv in (1, 2, 3, 4))
+    _group_intrinsic("tile", nv) for nv in (1, 2, 3, 4))
 if NARROW_TAILS:
     group_acc2q, group_acc3q, group_acc4q = (
-        _group_acc_intrinsic(nv, _QUARTER) for nv in (2, 3, 4))
+        _group_intrinsic("acc", nv, _QUARTER) for nv in (2, 3, 4))
     group_tile2q, group_tile3q, group_tile4q = (
-        _group_tile_intrinsic(nv, _QUARTER) for nv in (2, 3, 4))
+        _group_intrinsic("tile", nv, _QUARTER) for nv in (2, 3, 4))
 else:
     group_acc2q, group_acc3q, group_acc4q = group_acc2, group_acc3, group_acc4
     group_tile2q, group_tile3q, group_tile4q = group_tile2, group_tile3, group_tile4
@@ -530,44 +502,34 @@ def _panel(N, L, j0):
     return (left + L - 1) // L, N - L // 4 if quarter else N - L, quarter, True
 
 
-@njit(error_model="numpy", inline="always")
-def _group_acc(nv, quarter, C, A, B, lst, n, c0, g, j0, jl):
-    zero = np.int64(0)
-    if quarter:
-        if nv == 2:
-            group_acc2q(C, A, B, lst, zero, n, c0, g, j0, jl)
+def _panel_call(one, two, three, four, two_q, three_q, four_q):
+    """A function calling, for a panel of nv vectors (quarter: its last one
+    quarter-width), the one of these intrinsics compiled for it."""
+    @njit(error_model="numpy", inline="always")
+    def call(nv, quarter, C, A, B, lst, n, c0, g, j0, jl):
+        zero = np.int64(0)
+        if quarter:
+            if nv == 2:
+                two_q(C, A, B, lst, zero, n, c0, g, j0, jl)
+            elif nv == 3:
+                three_q(C, A, B, lst, zero, n, c0, g, j0, jl)
+            else:
+                four_q(C, A, B, lst, zero, n, c0, g, j0, jl)
+        elif nv == 1:
+            one(C, A, B, lst, zero, n, c0, g, j0, jl)
+        elif nv == 2:
+            two(C, A, B, lst, zero, n, c0, g, j0, jl)
         elif nv == 3:
-            group_acc3q(C, A, B, lst, zero, n, c0, g, j0, jl)
+            three(C, A, B, lst, zero, n, c0, g, j0, jl)
         else:
-            group_acc4q(C, A, B, lst, zero, n, c0, g, j0, jl)
-    elif nv == 1:
-        group_acc1(C, A, B, lst, zero, n, c0, g, j0, jl)
-    elif nv == 2:
-        group_acc2(C, A, B, lst, zero, n, c0, g, j0, jl)
-    elif nv == 3:
-        group_acc3(C, A, B, lst, zero, n, c0, g, j0, jl)
-    else:
-        group_acc4(C, A, B, lst, zero, n, c0, g, j0, jl)
+            four(C, A, B, lst, zero, n, c0, g, j0, jl)
+    return call
 
 
-@njit(error_model="numpy", inline="always")
-def _group_tile(nv, quarter, C, A, B, lst, n, c0, g, j0, jl):
-    zero = np.int64(0)
-    if quarter:
-        if nv == 2:
-            group_tile2q(C, A, B, lst, zero, n, c0, g, j0, jl)
-        elif nv == 3:
-            group_tile3q(C, A, B, lst, zero, n, c0, g, j0, jl)
-        else:
-            group_tile4q(C, A, B, lst, zero, n, c0, g, j0, jl)
-    elif nv == 1:
-        group_tile1(C, A, B, lst, zero, n, c0, g, j0, jl)
-    elif nv == 2:
-        group_tile2(C, A, B, lst, zero, n, c0, g, j0, jl)
-    elif nv == 3:
-        group_tile3(C, A, B, lst, zero, n, c0, g, j0, jl)
-    else:
-        group_tile4(C, A, B, lst, zero, n, c0, g, j0, jl)
+_group_acc = _panel_call(group_acc1, group_acc2, group_acc3, group_acc4, group_acc2q,
+                         group_acc3q, group_acc4q)
+_group_tile = _panel_call(group_tile1, group_tile2, group_tile3, group_tile4, group_tile2q,
+                          group_tile3q, group_tile4q)
 
 
 @njit(cache=True, error_model="numpy")

@@ -395,12 +395,21 @@ def sparse_combine_row(out, i, idx, val, q0, q1, M, acc):
         out[i, j] = s
 
 
-def _splat16(builder, value):
-    v16 = ir.VectorType(value.type, 16)
+def _splat(builder, value, n):
+    """A vector of n lanes with value in every one."""
+    v = ir.VectorType(value.type, n)
     i32 = ir.IntType(32)
-    xv = builder.insert_element(ir.Constant(v16, ir.Undefined), value, ir.Constant(i32, 0))
-    return builder.shuffle_vector(xv, ir.Constant(v16, ir.Undefined),
-                                  ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+    xv = builder.insert_element(ir.Constant(v, ir.Undefined), value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(xv, ir.Constant(v, ir.Undefined),
+                                  ir.Constant(ir.VectorType(i32, n), [0] * n))
+
+
+def _splat16(builder, value):
+    return _splat(builder, value, 16)
+
+
+def _splat64(builder, value):
+    return _splat(builder, value, 64)
 
 
 @intrinsic
@@ -781,13 +790,6 @@ def permute_bytes(typingctx, dense, i, order):
         return context.get_dummy_value()
     return types.none(dense, i, order), codegen
 
-
-def _splat64(builder, value):
-    v = ir.VectorType(value.type, 64)
-    i32 = ir.IntType(32)
-    xv = builder.insert_element(ir.Constant(v, ir.Undefined), value, ir.Constant(i32, 0))
-    return builder.shuffle_vector(xv, ir.Constant(v, ir.Undefined),
-                                  ir.Constant(ir.VectorType(i32, 64), [0] * 64))
 
 
 @intrinsic
