@@ -112,7 +112,6 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     third pass fills it with the values, in X's dtype. With check_finite, raises NonFiniteInput
     where X holds a NaN or an infinity (found by the counting pass, which reads
     every value anyway; NaN counts as a nonzero otherwise)."""
-    import numba
     X = np.ascontiguousarray(X)
     perm = np.asarray(perm, dtype=np.int64)
     where = np.empty(X.shape[1], dtype=np.int32)
@@ -128,29 +127,39 @@ def split_csr(X, perm, n_dense, levels=None, check_finite=False):
     order = np.searchsorted(ascending, perm[:n_dense])
     if np.array_equal(order, np.arange(n_dense)):
         order = order[:0]
-    # 8-bit levels, 256 columns or fewer: the row is reordered by byte permutes,
-    # whose table is uint8, 64 at a time (dense.reorder_row).
     d = X.dtype.type(1 if levels is None else levels)
     kind = X.dtype if levels is None else np.uint8
-    bytes_order = order if len(order) else _no_order(kind)
-    if dense.HAS_VBMI and levels is not None and len(order) and n_dense <= 256:
-        bytes_order = np.zeros(-(-n_dense // 64) * 64, dtype=np.uint8)
-        bytes_order[:n_dense] = order
     counts = _counted_rows(X, where, runs, kind, d, check_finite)
     indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     indices = _empty(indptr[-1], np.int32)
     values = _empty(indptr[-1], X.dtype)
     Xd = _empty(X.shape[0] * n_dense, kind).reshape(X.shape[0], n_dense)
-    scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_dense), dtype=kind)
-    dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True, bytes_order,
-                   scratch)
+    dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True,
+                   *_reorder(order, kind))
     if levels is not None and counts.any():
         Xd = _empty(X.shape[0] * n_dense, X.dtype).reshape(X.shape[0], n_dense)
-        scratch = np.empty((numba.config.NUMBA_NUM_THREADS, n_dense), dtype=X.dtype)
-        dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True, order,
-                       scratch)
+        dense.csr_rows(X, where, runs, counts, indptr, indices, values, Xd, d, True,
+                       *_reorder(order, X.dtype))
     return Xd, indptr, indices, values
+
+
+def _reorder(order, kind):
+    """csr_rows' (order, scratch) for a dense array of type kind whose rows go from
+    ascending order to order (empty: they stay): for 8-bit levels, 256 columns or
+    fewer, where the CPU has AVX-512 VBMI, order as a uint8 table padded to a
+    multiple of 64 for the byte permutes (dense.reorder_row) and no scratch; else
+    order itself and a scratch row for each thread numba may run."""
+    import numba
+    none = np.zeros((0, 0), dtype=kind)
+    n = len(order)
+    if n == 0:
+        return _no_order(kind), none
+    if dense.HAS_VBMI and kind == np.uint8 and n <= 256:
+        table = np.zeros(-(-n // 64) * 64, dtype=np.uint8)
+        table[:n] = order
+        return table, none
+    return order, np.empty((numba.config.NUMBA_NUM_THREADS, n), dtype=kind)
 
 
 def _counted_rows(X, where, runs, kind, d, check_finite):
@@ -401,6 +410,7 @@ class Engine:
         # spaced rows: counting the nonzeros of every row took 45 ms of 150 for
         # MNIST (np.count_nonzero over all of it 0.1 s).
         counts, rows = sampled_column_counts(X)
+        T = numba.get_num_threads()
         self.sparse = bool(counts.sum() < SPARSE_DENSITY * rows * X.shape[1])
         # W_1's rows in the order of the split input's columns (None: as they are).
         self.perm = None
@@ -410,8 +420,8 @@ class Engine:
                 if dense.uses_groups(m.weights[0]):
                     # The dense columns in groups that are often zero together.
                     perm = perm.copy()
-                    perm[:n_dense] = grouped_columns(
-                        X, perm[:n_dense], self._dense_cuts(n_dense, numba.get_num_threads()))
+                    perm[:n_dense] = grouped_columns(X, perm[:n_dense],
+                                                     self._dense_cuts(n_dense, T))
                 self.perm = perm
                 levels = levels_of(X)
                 self.X, self.indptr, self.indices, self.values = split_csr(
@@ -432,7 +442,6 @@ class Engine:
         self._column_counts = None
         if self.sparse:
             self._column_counts = counts[self.perm] if self.perm is not None else counts
-        T = numba.get_num_threads()
         key = (T, tuple(m.layer_sizes), m.dtype, self.sparse, self.n_dense,
                self.splits_features(T), self._uses_groups())
         if key != self._ws_key:
@@ -440,16 +449,16 @@ class Engine:
             self._ws_key = key
         else:
             self._cut_columns(T)
-            self._group_masks()
+            self._group_masks(T)
 
-    def _group_masks(self):
+    def _group_masks(self, T):
         """groups for the kernels: which groups of the dense columns (each chunk's
         own, where the first layer is split by them) each row has a nonzero in, for
         the products that skip the others, and their workspaces (see _allocate);
         None where they are not used."""
         self.groups = None
         if self._uses_groups():
-            starts = self._dense_runs()
+            starts = self._dense_cuts(self.n_dense, T)
             masks = np.empty((self.X.shape[0], -(-dense.group_starts(starts)[-1] // 64)),
                              dtype=np.uint64)
             dense.group_masks(self.X, starts, masks)
@@ -460,15 +469,10 @@ class Engine:
         columns (fastmlp.kernels.gemm.group_rows; dense.uses_groups)."""
         return self.n_dense > 0 and dense.uses_groups(self.model.weights[0])
 
-    def _dense_runs(self):
-        """Where each chunk's own run of the dense columns starts, and the last ends:
-        all of them one run unless the first layer is split by input columns."""
-        if self.cuts is not None:
-            return np.ascontiguousarray(self.cuts[:, 0])
-        return np.array([0, self.n_dense], dtype=np.int64)
-
     def _dense_cuts(self, n_dense, T):
-        """_dense_runs before the split: the dense columns' cuts between T chunks."""
+        """Where each of T chunks' own run of the n_dense dense columns starts, and
+        the last ends (feature_cuts' dense cuts): all of them one run unless the
+        first layer is split by input columns."""
         if self.splits_features(T):
             return dense_column_cuts(n_dense, T)
         return np.array([0, n_dense], dtype=np.int64)
@@ -553,12 +557,12 @@ class Engine:
         self._group_ws = None
         if self._uses_groups():
             rows = (B if split else -(-B // T)) + 16
-            groups = np.diff(dense.group_starts(self._dense_runs()))
+            groups = np.diff(dense.group_starts(self._dense_cuts(self.n_dense, T)))
             words = -(-int(groups.sum()) // 64)
             self._group_ws = (np.zeros((T, int(groups.max()), rows), dtype=np.int32),
                               np.zeros((T, int(groups.max())), dtype=np.int64),
                               np.zeros((T, words, rows), dtype=np.uint64))
-        self._group_masks()
+        self._group_masks(T)
         self.called = np.zeros((4, T), dtype=np.bool_)   # each chunk's kernels
         self.ctl = np.zeros(sync.CTL_SIZE, dtype=np.int64)    # their barriers' counters
         # The batch's start and size (set each batch), and the chunks' gap.

@@ -600,8 +600,7 @@ def _listed_rows(typingctx, m, n, shift, base, lst):
         ctpop = cgutils.get_or_insert_function(
             b.module, ir.FunctionType(ir.IntType(16), [ir.IntType(16)]), "llvm.ctpop.i16")
         bit = b.shl(ir.Constant(i64, 1), b.trunc(s_, i64) if intp.width > 64 else s_)
-        bits = simd._splat16(b, bit)
-        bits8 = b.shuffle_vector(bits, bits, ir.Constant(ir.VectorType(i32, 8), list(range(8))))
+        bits8 = simd._splat(b, bit, 8)
         zero8 = ir.Constant(v8l, [ir.Constant(i64, 0)] * 8)
         lanes = ir.Constant(v16i, list(range(16)))
         k = cgutils.alloca_once_value(b, ir.Constant(intp, 0))
